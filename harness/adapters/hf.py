@@ -1,0 +1,131 @@
+"""Adapters for torch modules with the HF ``*ForCausalLM`` interface: HF Transformers itself, or a
+third-party port given as a class.
+
+The class is built as ``cls(hf_config)`` (an HF config object, eager attention requested) under
+the chosen default dtype, so parameters are created in that dtype while RoPE ``inv_freq`` buffers
+stay fp32 — what ``from_pretrained(dtype=...)`` gives — then it loads the HF state dict. Probes come
+from forward hooks on ``model.model.embed_tokens``, ``model.model.layers[i]`` (and its
+``self_attn`` and ``mlp``) and ``model.model.norm``; logits from the output's ``.logits``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Mapping
+
+import torch
+
+from ..synthetic import Batch
+from .base import AdapterError
+
+
+@contextlib.contextmanager
+def default_dtype(dtype: torch.dtype):
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(old)
+
+
+def hf_config_object(hf_config: Mapping):
+    from transformers import AutoConfig
+
+    config = AutoConfig.for_model(**dict(hf_config))
+    config._attn_implementation = "eager"
+    return config
+
+
+def _first(output):
+    return output[0] if isinstance(output, (tuple, list)) else output
+
+
+class HFCausalLMAdapter:
+    def __init__(self, model_class=None, name: str | None = None):
+        self.model_class = model_class
+        self.name = name or (model_class.__name__ if model_class else "hf")
+        self.unsupported: dict[str, str] = {}
+
+    def build(self, config, dtype: torch.dtype) -> torch.nn.Module:
+        with default_dtype(dtype):
+            return self.model_class(config)
+
+    def load(self, hf_config, state_dict, dtype: torch.dtype) -> None:
+        config = hf_config_object(hf_config)
+        try:
+            model = self.build(config, dtype)
+        except Exception as exc:  # noqa: BLE001
+            raise AdapterError(f"{self.name}: building the model failed: {type(exc).__name__}: {exc}") from exc
+        params = dict(model.state_dict())
+        cast = {k: v.to(params[k].dtype) if k in params else v for k, v in state_dict.items()}
+        missing, unexpected = model.load_state_dict(cast, strict=False)
+        tied = getattr(config, "tie_word_embeddings", False)
+        missing = [m for m in missing if not (tied and m == "lm_head.weight")]
+        if missing or unexpected:
+            what = f"missing {missing[:3]}" if missing else f"unexpected {unexpected[:3]}"
+            raise AdapterError(f"{self.name}: state dict does not fit the model: {what}")
+        if tied and hasattr(model, "tie_weights"):
+            model.tie_weights()
+        self.model = model.eval()
+
+    def _hook_targets(self) -> dict[str, torch.nn.Module]:
+        inner = getattr(self.model, "model", None)
+        layers = getattr(inner, "layers", None)
+        if inner is None or layers is None:
+            self.unsupported = {"*": "model has no model.model.layers; only logits are compared"}
+            return {}
+        targets = {}
+        for attr, probe in (("embed_tokens", "embed"), ("norm", "final_norm")):
+            if hasattr(inner, attr):
+                targets[probe] = getattr(inner, attr)
+            else:
+                self.unsupported[probe] = f"model.model has no {attr}"
+        for i, layer in enumerate(layers):
+            targets[f"layers.{i}.out"] = layer
+            for attr, sub in (("self_attn", "attn"), ("mlp", "mlp")):
+                if hasattr(layer, attr):
+                    targets[f"layers.{i}.{sub}"] = getattr(layer, attr)
+                else:
+                    self.unsupported[f"layers.{i}.{sub}"] = f"layer {i} has no {attr}"
+        return targets
+
+    @torch.no_grad()
+    def run(self, batch: Batch) -> dict[str, torch.Tensor]:
+        captured: dict[str, torch.Tensor] = {}
+
+        def hook(name):
+            def record(_module, _inputs, output):
+                captured[name] = _first(output).detach()
+
+            return record
+
+        handles = [module.register_forward_hook(hook(name)) for name, module in self._hook_targets().items()]
+        try:
+            out = self.model(
+                input_ids=batch.input_ids,
+                attention_mask=batch.attention_mask,
+                position_ids=batch.position_ids,
+                use_cache=False,
+            )
+        finally:
+            for handle in handles:
+                handle.remove()
+        logits = getattr(out, "logits", None)
+        captured["logits"] = logits if logits is not None else _first(out)
+        return captured
+
+
+class _HFAuto(HFCausalLMAdapter):
+    """HF Transformers as a ``from_pretrained(dtype=..., attn_implementation="eager")`` load gives it."""
+
+    def build(self, config, dtype):
+        from transformers import AutoModelForCausalLM
+
+        return AutoModelForCausalLM.from_config(config, attn_implementation="eager", dtype=dtype)
+
+
+def hf_adapter() -> HFCausalLMAdapter:
+    import transformers
+
+    return _HFAuto(name=f"hf-transformers-{transformers.__version__}")

@@ -1,0 +1,147 @@
+"""The conformance gate: one model, a reference and a candidate implementation, every probe compared."""
+
+from __future__ import annotations
+
+import platform
+import time
+import traceback
+from dataclasses import dataclass, field
+
+import torch
+
+import configs
+from reference_impl.spec import ModelSpec
+
+from . import probes as probe_names
+from .adapters import Adapter, AdapterError, ReferenceAdapter, resolve
+from .compare import ProbeResult, compare_probe
+from .synthetic import make_batch, random_state_dict
+from .tolerance import DTYPES, tolerance_for
+
+
+@dataclass
+class ConformanceResult:
+    model: str
+    dtype: str
+    reference: str
+    candidate: str
+    probes: list[ProbeResult] = field(default_factory=list)
+    error: str | None = None
+    inputs: str = ""
+    seed: int = 0
+    wall_s: float = 0.0
+    environment: dict = field(default_factory=dict)
+
+    @property
+    def passed(self) -> bool:
+        return self.error is None and bool(self.probes) and all(p.passed for p in self.probes)
+
+    @property
+    def first_divergence(self) -> ProbeResult | None:
+        return next((p for p in self.probes if not p.passed), None)
+
+    @property
+    def closest(self) -> ProbeResult | None:
+        """The judged probe nearest to its tolerance: where it would have failed first."""
+        judged = [p for p in self.probes if p.status == "pass"]
+        return max(judged, key=ProbeResult.headroom, default=None)
+
+    @property
+    def unsupported(self) -> list[ProbeResult]:
+        return [p for p in self.probes if p.status == "unsupported"]
+
+    def verdict(self) -> str:
+        if self.error:
+            return f"ERROR {self.model} [{self.dtype}] {self.candidate}: {self.error}"
+        first = self.first_divergence
+        if first is not None:
+            where = f"layer {first.layer} {first.sublayer}" if first.layer is not None else first.name
+            return f"FAIL {self.model} [{self.dtype}] {self.candidate}: first divergence at {first.name} ({where}): {first.note}"
+        closest = self.closest
+        tail = f"; closest to failing: {closest.name} at {closest.headroom():.2g} of tolerance" if closest else ""
+        skipped = f"; {len(self.unsupported)} probes unsupported" if self.unsupported else ""
+        return f"PASS {self.model} [{self.dtype}] {self.candidate} vs {self.reference}: {len(self.probes) - len(self.unsupported)} probes{skipped}{tail}"
+
+    def to_json(self) -> dict:
+        first = self.first_divergence
+        return {
+            "passed": self.passed,
+            "model": self.model,
+            "dtype": self.dtype,
+            "reference": self.reference,
+            "candidate": self.candidate,
+            "first_divergence": None if first is None else {
+                "probe": first.name, "layer": first.layer, "sublayer": first.sublayer,
+                "status": first.status, "note": first.note,
+            },
+            "error": self.error,
+            "closest_to_failing": None if self.closest is None else {
+                "probe": self.closest.name, "headroom": self.closest.headroom(),
+            },
+            "inputs": self.inputs,
+            "seed": self.seed,
+            "wall_s": round(self.wall_s, 3),
+            "environment": self.environment,
+            "probes": [p.to_json() for p in self.probes],
+        }
+
+
+def environment(dtype: str) -> dict:
+    env = {"python": platform.python_version(), "torch": torch.__version__, "device": "cpu",
+           "dtype": dtype, "threads": torch.get_num_threads(), "machine": platform.machine()}
+    try:
+        import transformers
+
+        env["transformers"] = transformers.__version__
+    except ImportError:
+        pass
+    return env
+
+
+def conform(model: str, candidate: str | Adapter = "hf", dtype: str = "float32", seed: int = 0,
+            reference: Adapter | None = None) -> ConformanceResult:
+    """Run `model` (a name from configs/) through the reference and the candidate; compare every probe."""
+    start = time.perf_counter()
+    tol = tolerance_for(dtype)
+    torch_dtype = DTYPES[dtype]
+    hf_config = configs.hf_config(model)
+    spec = ModelSpec.from_hf_config(hf_config)
+    state = random_state_dict(spec, seed)
+    batch = make_batch(spec, seed)
+    reference = reference or ReferenceAdapter()
+    label = candidate if isinstance(candidate, str) else getattr(candidate, "name", type(candidate).__name__)
+    result = ConformanceResult(model, dtype, reference.name, label, inputs=batch.describe(), seed=seed,
+                               environment=environment(dtype))
+    reference.load(hf_config, state, torch_dtype)
+    ref_out = reference.run(batch)
+    try:
+        adapter = resolve(candidate)
+        result.candidate = adapter.name
+        adapter.load(hf_config, state, torch_dtype)
+        cand_out = adapter.run(batch)
+    except AdapterError as exc:
+        result.error = str(exc)
+    except Exception as exc:  # noqa: BLE001 - a crashing candidate is a result, not a crash of the gate
+        frame = traceback.extract_tb(exc.__traceback__)[-1]
+        result.error = f"candidate crashed: {type(exc).__name__}: {exc} (at {frame.filename}:{frame.lineno})"
+    else:
+        reasons = getattr(adapter, "unsupported", {}) or {}
+        for name in probe_names.canonical(spec.num_layers):
+            cand = cand_out.get(name)
+            reason = reasons.get(name) or reasons.get("*", "")
+            result.probes.append(compare_probe(name, ref_out[name], cand, batch.valid, tol, reason))
+        if cand_out.get("logits") is None:
+            result.error = "candidate returned no logits"
+    result.wall_s = time.perf_counter() - start
+    return result
+
+
+def result_from_json(data: dict) -> ConformanceResult:
+    """Rebuild a result written by :meth:`ConformanceResult.to_json` (used to resume long runs)."""
+    fields = ("name", "status", "metrics", "tolerance", "note")
+    probes = [ProbeResult(**{k: p[k] for k in fields}) for p in data.get("probes", [])]
+    return ConformanceResult(
+        model=data["model"], dtype=data["dtype"], reference=data["reference"], candidate=data["candidate"],
+        probes=probes, error=data.get("error"), inputs=data.get("inputs", ""), seed=data.get("seed", 0),
+        wall_s=data.get("wall_s", 0.0), environment=data.get("environment", {}),
+    )

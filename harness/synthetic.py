@@ -1,0 +1,80 @@
+"""Random weights and inputs that make conformance bugs visible on tiny models.
+
+HF's default init (std 0.02) hides softcap, RoPE and norm bugs: logits stay near 0, attention is
+nearly uniform, and a norm weight left at 0 makes (1 + w) look like w's absence. Instead:
+
+* every tensor the checkpoint carries is random, norm weights included (N(0, 0.3) offsets);
+* linear layers N(0, 1/fan_in), with q and k ×3 so attention logits reach the ±50 softcap;
+* the (tied) embedding is scaled so the logits have std ≈ 13 and several % exceed the ±30 cap;
+* sequences are ≥ 3× the largest sliding window, and the second row is left-padded.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from reference_impl.spec import ModelSpec
+from reference_impl.weights import expected_shapes
+
+NORM_STD = 0.3
+QK_GAIN = 3.0
+LOGIT_STD = 13.0
+MIN_LENGTH = 40
+LEFT_PAD = 5
+
+
+def random_state_dict(spec: ModelSpec, seed: int = 0) -> dict[str, torch.Tensor]:
+    """fp32 tensors under HF names for every tensor the checkpoint carries."""
+    gen = torch.Generator().manual_seed(seed)
+    state = {}
+    for name, shape in expected_shapes(spec).items():
+        w = torch.randn(shape, generator=gen)
+        if len(shape) == 1:
+            w *= NORM_STD
+        elif name in ("model.embed_tokens.weight", "lm_head.weight"):
+            w *= LOGIT_STD / math.sqrt(spec.hidden_size)
+        else:
+            w /= math.sqrt(shape[1])
+            if name.endswith(("q_proj.weight", "k_proj.weight")):
+                w *= QK_GAIN
+        state[name] = w
+    return state
+
+
+@dataclass
+class Batch:
+    input_ids: torch.Tensor  # (B, T)
+    attention_mask: torch.Tensor  # (B, T) 1 = token, 0 = padding
+    position_ids: torch.Tensor  # (B, T)
+
+    @property
+    def valid(self) -> torch.Tensor:
+        return self.attention_mask.bool()
+
+    def describe(self) -> str:
+        b, t = self.input_ids.shape
+        pads = (self.attention_mask == 0).sum(dim=1).tolist()
+        return f"batch {b} x {t} tokens, left padding per row {pads}"
+
+
+def default_length(spec: ModelSpec) -> int:
+    window = spec.max_window or 0
+    return max(MIN_LENGTH, 3 * window)
+
+
+def make_batch(spec: ModelSpec, seed: int = 0, length: int | None = None, left_pad: int = LEFT_PAD) -> Batch:
+    """Row 0: BOS + random ids over the whole vocabulary. Row 1: `left_pad` pad tokens, then the same."""
+    length = length or default_length(spec)
+    gen = torch.Generator().manual_seed(seed + 1)
+    ids = torch.randint(0, spec.vocab_size, (2, length), generator=gen)
+    mask = torch.ones(2, length, dtype=torch.long)
+    bos = spec.bos_token_id if spec.bos_token_id is not None else 2
+    pad = spec.pad_token_id if spec.pad_token_id is not None else 0
+    ids[0, 0] = bos
+    ids[1, :left_pad], mask[1, :left_pad] = pad, 0
+    ids[1, left_pad] = bos
+    positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
+    return Batch(ids, mask, positions)

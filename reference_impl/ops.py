@@ -1,0 +1,90 @@
+"""Numerical building blocks, each following HF's eager recipe step by step (which dtype each op runs in).
+
+Shapes: B batch, T query tokens, S key tokens, H hidden, N query heads, K kv heads, D head dim.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, offset: float) -> torch.Tensor:
+    """Gemma RMSNorm: normalise and scale in fp32, one cast back at the end: ``(x̂ * (offset + w)).to(x)``."""
+    xf = x.float()
+    y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return (y * (offset + weight.float())).type_as(x)
+
+
+def gelu(x: torch.Tensor, kind: str) -> torch.Tensor:
+    # The torch tanh kernel, not the Python formula: they differ in bf16 (and slightly in fp32).
+    return F.gelu(x, approximate="tanh" if kind == "gelu_tanh" else "none")
+
+
+def softcap(x: torch.Tensor, cap: float | None) -> torch.Tensor:
+    """``tanh(x / cap) * cap`` in the input dtype, as three separately rounded ops."""
+    if cap is None:
+        return x
+    return torch.tanh(x / cap) * cap
+
+
+def rope_inv_freq(head_dim: int, theta: float, linear_factor: float = 1.0) -> torch.Tensor:
+    """(D/2,) fp32 inverse frequencies; linear scaling divides them by the factor."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float) / head_dim))
+    return inv_freq / linear_factor if linear_factor != 1.0 else inv_freq
+
+
+def rope_cos_sin(positions: torch.Tensor, inv_freq: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """positions (B, T) -> cos, sin (B, T, D) computed in fp32, then cast to the model dtype."""
+    freqs = positions[..., None].float() * inv_freq.to(positions.device)
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Half-split ("NeoX") rotation of x (B, heads, T, D); cos/sin (B, T, D)."""
+    cos, sin = cos[:, None], sin[:, None]
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rotated * sin
+
+
+def repeat_kv(x: torch.Tensor, groups: int) -> torch.Tensor:
+    """(B, K, S, D) -> (B, K*groups, S, D); query head h reads kv head h // groups."""
+    if groups == 1:
+        return x
+    b, k, s, d = x.shape
+    return x[:, :, None].expand(b, k, groups, s, d).reshape(b, k * groups, s, d)
+
+
+def attention(
+    q: torch.Tensor,  # (B, N, T, D)
+    k: torch.Tensor,  # (B, K, S, D)
+    v: torch.Tensor,  # (B, K, S, D)
+    allowed: torch.Tensor,  # (B, 1, T, S) bool
+    scale: float,
+    cap: float | None,
+) -> torch.Tensor:
+    """Eager attention: scores in the model dtype, softcap before the mask, softmax in fp32."""
+    groups = q.shape[1] // k.shape[1]
+    k, v = repeat_kv(k, groups), repeat_kv(v, groups)
+    scores = torch.matmul(q, k.transpose(2, 3)) * scale
+    scores = softcap(scores, cap)
+    # HF adds an additive mask of finfo.min; where() gives the same values bit for bit.
+    scores = torch.where(allowed, scores, torch.finfo(scores.dtype).min)
+    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+    return torch.matmul(probs, v)  # (B, N, T, D)
+
+
+def attention_mask(
+    query_slots: torch.Tensor,  # (T,) absolute slot index of each query token
+    key_slots: torch.Tensor,  # (S,)
+    key_valid: torch.Tensor,  # (B, S) bool: False for padding
+    window: int | None,
+) -> torch.Tensor:
+    """(B, 1, T, S): causal, within the window (W keys including the query itself), not padding."""
+    q, k = query_slots[:, None], key_slots[None, :]
+    allowed = k <= q
+    if window is not None:
+        allowed = allowed & (k > q - window)
+    return allowed[None, None] & key_valid[:, None, None, :]

@@ -1,0 +1,284 @@
+"""A Gemma model described as data.
+
+Every per-layer behaviour the decoder needs (attention type and window, head geometry, query
+scale, softcaps, QK-norm, norm placement, RoPE base and scaling) is derived here, once, from an
+HF ``config.json`` dict. The decoder in :mod:`reference_impl.model` reads only this spec, so a new
+generation is a new ``_derive_*`` function, not a new model.
+
+Each generation is written as a small diff on the previous one, like HF's ``modular_*.py``:
+
+* Gemma 1: every layer global, scale ``head_dim**-0.5``, two norms per block.
+* Gemma 2: + alternating sliding/global layers, ``query_pre_attn_scalar``, attention and final
+  logit softcaps, "sandwich" norms (post-attention and post-MLP norms).
+* Gemma 3: + QK-norm, 5:1 sliding/global pattern, a RoPE base (and linear scaling) per layer
+  type, no attention softcap (HF ignores the config field; so do we).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+
+class ConfigError(ValueError):
+    """A model config that cannot describe a Gemma model; the message names the field."""
+
+
+SLIDING = "sliding"
+GLOBAL = "global"
+_HF_LAYER_TYPES = {"sliding_attention": SLIDING, "full_attention": GLOBAL}
+
+
+@dataclass(frozen=True)
+class RopeSpec:
+    theta: float
+    # HF rope_type "linear": inverse frequencies divided by this factor.
+    linear_factor: float = 1.0
+
+
+@dataclass(frozen=True)
+class LayerSpec:
+    index: int
+    attention: str  # SLIDING or GLOBAL
+    window: int | None  # keys visible to a query, itself included; None = unlimited
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    query_scale: float  # multiplies q·k
+    attn_softcap: float | None
+    qk_norm: bool
+    rope: RopeSpec
+    intermediate_size: int
+    sandwich_norms: bool  # post-attention and post-MLP norms on the sublayer outputs (Gemma 2+)
+
+    @property
+    def kv_groups(self) -> int:
+        return self.num_heads // self.num_kv_heads
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    family: str  # HF model_type: gemma, gemma2, gemma3_text
+    vocab_size: int
+    hidden_size: int
+    layers: tuple[LayerSpec, ...]
+    rms_norm_eps: float
+    norm_offset: float  # RMSNorm multiplies by (norm_offset + w): 1.0 for Gemma 1-3
+    activation: str  # "gelu_tanh" or "gelu" (exact erf)
+    final_softcap: float | None
+    tie_embeddings: bool
+    max_position_embeddings: int
+    pad_token_id: int | None = 0
+    bos_token_id: int | None = 2
+    eos_token_id: int | list[int] | None = 1
+    hf_config: Mapping[str, Any] = field(default_factory=dict, compare=False, repr=False)
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.layers)
+
+    @property
+    def embed_scale(self) -> float:
+        """sqrt(hidden_size); the decoder rounds it to the model dtype before multiplying."""
+        return math.sqrt(self.hidden_size)
+
+    @property
+    def max_window(self) -> int | None:
+        windows = [layer.window for layer in self.layers if layer.window is not None]
+        return max(windows) if windows else None
+
+    @classmethod
+    def from_hf_config(cls, config: Mapping[str, Any]) -> ModelSpec:
+        model_type = config.get("model_type")
+        derive = _DERIVE.get(model_type)
+        if derive is None:
+            raise ConfigError(
+                f"config field 'model_type' is {model_type!r}; supported: {', '.join(sorted(_DERIVE))}"
+            )
+        spec = derive(_Fields(config))
+        return replace(spec, hf_config=dict(config))
+
+
+class _Fields:
+    """Typed, checked access to an HF config dict: a bad field is a one-line error naming it."""
+
+    def __init__(self, config: Mapping[str, Any]):
+        self.config = config
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return self.config.get(key, default)
+
+    def int(self, key: str, default: int | None = None, minimum: int = 1) -> int:
+        value = self.config.get(key, default)
+        if value is None:
+            raise ConfigError(f"config field {key!r} is missing")
+        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+            raise ConfigError(f"config field {key!r} must be an integer >= {minimum}, got {value!r}")
+        return value
+
+    def float(self, key: str, default: float | None = None) -> float | None:
+        value = self.config.get(key, default)
+        if value is None:
+            return None
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise ConfigError(f"config field {key!r} must be a finite number, got {value!r}")
+        return float(value)
+
+    def positive(self, key: str, default: float | None = None) -> float:
+        value = self.float(key, default)
+        if value is None or value <= 0:
+            raise ConfigError(f"config field {key!r} must be a positive number, got {self.config.get(key)!r}")
+        return value
+
+
+def _activation(name: Any, key: str) -> str:
+    if name in ("gelu_pytorch_tanh", "gelu_tanh", "gelu_new", "gelu_fast"):
+        return "gelu_tanh"
+    if name == "gelu":
+        return "gelu"
+    raise ConfigError(f"config field {key!r} is {name!r}; Gemma uses 'gelu_pytorch_tanh'")
+
+
+def _rope(params: Any, key: str) -> RopeSpec:
+    if not isinstance(params, Mapping):
+        raise ConfigError(f"config field {key!r} must be a mapping, got {params!r}")
+    rope_type = params.get("rope_type", params.get("type", "default"))
+    theta = params.get("rope_theta")
+    if not isinstance(theta, (int, float)) or theta <= 0:
+        raise ConfigError(f"config field {key}.rope_theta must be a positive number, got {theta!r}")
+    if rope_type == "default":
+        return RopeSpec(theta=float(theta))
+    if rope_type == "linear":
+        factor = params.get("factor")
+        if not isinstance(factor, (int, float)) or factor <= 0:
+            raise ConfigError(f"config field {key}.factor must be a positive number, got {factor!r}")
+        return RopeSpec(theta=float(theta), linear_factor=float(factor))
+    raise ConfigError(f"config field {key}.rope_type {rope_type!r} is not supported (default, linear)")
+
+
+def _layer_types(f: _Fields, n_layers: int, default_rule) -> list[str]:
+    types = f.get("layer_types")
+    if types is None:
+        return [default_rule(i) for i in range(n_layers)]
+    if not isinstance(types, (list, tuple)) or len(types) != n_layers:
+        raise ConfigError(f"config field 'layer_types' must list {n_layers} entries, got {types!r}")
+    out = []
+    for i, t in enumerate(types):
+        if t not in _HF_LAYER_TYPES:
+            raise ConfigError(f"config field layer_types[{i}] is {t!r}; expected one of {sorted(_HF_LAYER_TYPES)}")
+        out.append(_HF_LAYER_TYPES[t])
+    return out
+
+
+def _base(f: _Fields, *, activation_key: str) -> dict[str, Any]:
+    n_heads = f.int("num_attention_heads")
+    n_kv = f.int("num_key_value_heads", n_heads)
+    if n_heads % n_kv:
+        raise ConfigError(f"config field 'num_attention_heads' ({n_heads}) is not a multiple of 'num_key_value_heads' ({n_kv})")
+    hidden = f.int("hidden_size")
+    if f.get("attention_bias"):
+        raise ConfigError("config field 'attention_bias' is true; Gemma attention has no biases")
+    return dict(
+        hidden=hidden,
+        n_layers=f.int("num_hidden_layers"),
+        n_heads=n_heads,
+        n_kv=n_kv,
+        head_dim=f.int("head_dim", hidden // n_heads),
+        intermediate=f.int("intermediate_size"),
+        activation=_activation(f.get(activation_key, "gelu_pytorch_tanh"), activation_key),
+        model=dict(
+            family=f.get("model_type"),
+            vocab_size=f.int("vocab_size"),
+            hidden_size=hidden,
+            rms_norm_eps=f.positive("rms_norm_eps", 1e-6),
+            norm_offset=1.0,
+            tie_embeddings=bool(f.get("tie_word_embeddings", True)),
+            max_position_embeddings=f.int("max_position_embeddings", 8192),
+            pad_token_id=f.get("pad_token_id", 0),
+            bos_token_id=f.get("bos_token_id", 2),
+            eos_token_id=f.get("eos_token_id", 1),
+        ),
+    )
+
+
+def _derive_gemma(f: _Fields) -> ModelSpec:
+    b = _base(f, activation_key="hidden_act")
+    # HF rewrites the legacy hidden_act="gelu" of the official Gemma 1 configs to the tanh form.
+    activation = "gelu_tanh" if b["activation"] == "gelu" else b["activation"]
+    rope = _rope(f.get("rope_parameters") or {"rope_type": "default", "rope_theta": f.get("rope_theta", 10000.0)}, "rope_parameters")
+    layers = tuple(
+        LayerSpec(
+            index=i, attention=GLOBAL, window=None,
+            num_heads=b["n_heads"], num_kv_heads=b["n_kv"], head_dim=b["head_dim"],
+            query_scale=b["head_dim"] ** -0.5, attn_softcap=None, qk_norm=False, rope=rope,
+            intermediate_size=b["intermediate"], sandwich_norms=False,
+        )
+        for i in range(b["n_layers"])
+    )
+    return ModelSpec(layers=layers, activation=activation, final_softcap=None, **b["model"])
+
+
+def _derive_gemma2(f: _Fields) -> ModelSpec:
+    b = _base(f, activation_key="hidden_activation")
+    window = f.int("sliding_window", 4096)
+    types = _layer_types(f, b["n_layers"], lambda i: SLIDING if (i + 1) % 2 else GLOBAL)
+    rope = _rope(f.get("rope_parameters") or {"rope_type": "default", "rope_theta": f.get("rope_theta", 10000.0)}, "rope_parameters")
+    layers = tuple(
+        LayerSpec(
+            index=i, attention=t, window=window if t == SLIDING else None,
+            num_heads=b["n_heads"], num_kv_heads=b["n_kv"], head_dim=b["head_dim"],
+            query_scale=f.positive("query_pre_attn_scalar", 256) ** -0.5,
+            attn_softcap=f.float("attn_logit_softcapping", 50.0), qk_norm=False, rope=rope,
+            intermediate_size=b["intermediate"], sandwich_norms=True,
+        )
+        for i, t in enumerate(types)
+    )
+    return ModelSpec(layers=layers, activation=b["activation"], final_softcap=f.float("final_logit_softcapping", 30.0), **b["model"])
+
+
+def _gemma3_ropes(f: _Fields) -> dict[str, RopeSpec]:
+    params = f.get("rope_parameters")
+    if isinstance(params, Mapping) and "sliding_attention" in params and "full_attention" in params:
+        return {
+            SLIDING: _rope(params["sliding_attention"], "rope_parameters.sliding_attention"),
+            GLOBAL: _rope(params["full_attention"], "rope_parameters.full_attention"),
+        }
+    # Legacy fields: rope_theta (global), rope_local_base_freq (local), rope_scaling (global only).
+    global_params = {"rope_type": "default", "rope_theta": f.get("rope_theta", 1_000_000.0)}
+    if f.get("rope_scaling"):
+        global_params = {**global_params, **f.get("rope_scaling")}
+    return {
+        SLIDING: _rope({"rope_type": "default", "rope_theta": f.get("rope_local_base_freq", 10_000.0)}, "rope_local_base_freq"),
+        GLOBAL: _rope(global_params, "rope_theta"),
+    }
+
+
+def _derive_gemma3(f: _Fields) -> ModelSpec:
+    b = _base(f, activation_key="hidden_activation")
+    if f.get("use_bidirectional_attention"):
+        raise ConfigError("config field 'use_bidirectional_attention' is true (EmbeddingGemma); not supported")
+    window = f.int("sliding_window", 4096)
+    pattern = f.int("sliding_window_pattern", 6)
+    types = _layer_types(f, b["n_layers"], lambda i: SLIDING if (i + 1) % pattern else GLOBAL)
+    ropes = _gemma3_ropes(f)
+    layers = tuple(
+        LayerSpec(
+            index=i, attention=t, window=window if t == SLIDING else None,
+            num_heads=b["n_heads"], num_kv_heads=b["n_kv"], head_dim=b["head_dim"],
+            query_scale=f.positive("query_pre_attn_scalar", 256) ** -0.5,
+            attn_softcap=None,  # HF Gemma 3 never applies attn_logit_softcapping
+            qk_norm=True, rope=ropes[t],
+            intermediate_size=b["intermediate"], sandwich_norms=True,
+        )
+        for i, t in enumerate(types)
+    )
+    return ModelSpec(layers=layers, activation=b["activation"], final_softcap=f.float("final_logit_softcapping"), **b["model"])
+
+
+_DERIVE = {
+    "gemma": _derive_gemma,
+    "gemma2": _derive_gemma2,
+    "gemma3_text": _derive_gemma3,
+}
