@@ -1,46 +1,61 @@
 """Tolerance policy per dtype.
 
-The gate judges each probe on ``max_rel`` (largest absolute error / RMS of the reference tensor);
-on logits also on ``kl_max`` (largest per-token KL divergence). Values come from
-``gemma-harness calibrate``, which measures the spread between *correct* implementations that
-differ only in legitimate op order (HF eager vs HF sdpa attention; the reference run in float64 vs
-in the gate dtype) over the whole tiny matrix; see CALIBRATION below for the figures this policy
-is set from.
+The gate judges each probe on ``max_rel`` (largest absolute error / RMS of the reference tensor:
+one bad token is enough to fail); on logits also on ``kl_max`` (largest per-token KL divergence).
+
+The limits are set from ``gemma-harness calibrate``, which measures the spread between *correct*
+implementations that differ only in legitimate op order, over the 10 tiny models, seed 0
+(torch 2.13.0 CPU, transformers 5.23.0, measured 2026-11-25):
+
+=========  ================  ==========  =========  =========  ==========  =========  ===============
+dtype      pair              embed       attn       mlp        out         final_norm logits (kl_max)
+=========  ================  ==========  =========  =========  ==========  =========  ===============
+float32    eager vs sdpa     0           6.6e-6     2.2e-6     1.1e-6      1.3e-6     2.3e-6 (7e-17)
+float32    fp32 vs float64   2.8e-7      7.6e-6     3.1e-6     1.4e-6      1.5e-6     3.4e-6 (1.2e-12)
+bfloat16   eager vs sdpa     0           0.11       0.051      0.047       0.048      0.038 (2.6e-11)
+bfloat16   bf16 vs float64   0.024       0.26       0.063      0.080       0.083      0.060 (1.9e-3)
+=========  ================  ==========  =========  =========  ==========  =========  ===============
+
+float32: limit 1e-4, 13x the worst correct spread (7.6e-6). The smallest classic bug, exact-erf
+instead of tanh GELU, shows 7.7e-4 to 8.3e-4 at ``layers.0.mlp`` on every tiny model: 8x above
+the limit, so it is caught and localised.
+
+bfloat16: attention outputs carry the largest rounding spread (a few tokens with near-cancelling
+values), so ``attn`` probes get 0.5 (1.9x the worst, 0.26) and every other probe 0.2 (2.4x the
+worst, 0.083); logits kl_max 0.01 (5x the worst, 1.9e-3). Bugs below bf16 rounding (exact GELU,
+eps 1e-5) are invisible in bf16 by construction: gate those in float32.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
+
+from .probes import locate
 
 
 @dataclass(frozen=True)
 class Tolerance:
     dtype: str
-    max_rel: float
-    kl_max: float
+    max_rel: float  # default limit for every probe
+    kl_max: float  # logits only
+    per_kind: dict[str, float] = field(default_factory=dict)  # sublayer kind -> max_rel limit
 
     def for_probe(self, name: str) -> dict[str, float]:
-        limits = {"max_rel": self.max_rel}
+        limits = {"max_rel": self.per_kind.get(locate(name)[1], self.max_rel)}
         if name == "logits":
             limits["kl_max"] = self.kl_max
         return limits
 
     def violations(self, name: str, metrics: dict[str, float]) -> list[str]:
-        out = []
-        for key, limit in self.for_probe(name).items():
-            if metrics[key] > limit:
-                out.append(f"{key} {metrics[key]:.3g} > {limit:.3g}")
-        return out
+        return [f"{key} {metrics[key]:.3g} > {limit:.3g}"
+                for key, limit in self.for_probe(name).items() if metrics[key] > limit]
 
-
-# Filled in from `gemma-harness calibrate` (see module docstring).
-CALIBRATION: dict[str, dict[str, float]] = {}
 
 POLICY: dict[str, Tolerance] = {
     "float32": Tolerance("float32", max_rel=1e-4, kl_max=1e-6),
-    "bfloat16": Tolerance("bfloat16", max_rel=0.1, kl_max=1e-2),
+    "bfloat16": Tolerance("bfloat16", max_rel=0.2, kl_max=1e-2, per_kind={"attn": 0.5}),
 }
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}

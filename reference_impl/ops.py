@@ -72,7 +72,8 @@ def attention(
     scores = softcap(scores, cap)
     # HF adds an additive mask of finfo.min; where() gives the same values bit for bit.
     scores = torch.where(allowed, scores, torch.finfo(scores.dtype).min)
-    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+    # Softmax in fp32 (or wider, for a float64 run), cast back to the model dtype.
+    probs = torch.softmax(scores, dim=-1, dtype=torch.promote_types(q.dtype, torch.float32)).to(q.dtype)
     return torch.matmul(probs, v)  # (B, N, T, D)
 
 

@@ -1,0 +1,161 @@
+"""Model configurations shipped with the harness: one JSON file per Gemma variant.
+
+Each ``<name>.json`` holds the HF ``config.json`` dict of a released Gemma 1/2/3 text model (or of a
+tiny random-weight twin, ``<name>-tiny``, that keeps its parent's structural features), plus the
+published parameter counts of the released models.  Stdlib only.
+
+    >>> import configs
+    >>> configs.names(tiny=False)[:2]
+    ['gemma-2b', 'gemma-7b']
+    >>> configs.hf_config("gemma-2-9b")["query_pre_attn_scalar"]
+    256
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+import functools
+import json
+from pathlib import Path
+from typing import Any
+
+__all__ = ["ConfigError", "CONFIG_DIR", "names", "load", "hf_config"]
+
+CONFIG_DIR = Path(__file__).resolve().parent
+
+_MODEL_TYPES = {1: "gemma", 2: "gemma2", 3: "gemma3_text"}
+
+_TOP_KEYS = ("name", "generation", "tiny_of", "description", "published_params", "hf_config")
+_PUBLISHED_KEYS = ("total", "embedding", "non_embedding", "tolerance", "source", "scope")
+_HF_COMMON = (
+    "model_type",
+    "architectures",
+    "vocab_size",
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "head_dim",
+    "rms_norm_eps",
+    "rope_parameters",
+    "max_position_embeddings",
+    "attention_bias",
+    "tie_word_embeddings",
+    "pad_token_id",
+    "eos_token_id",
+    "bos_token_id",
+)
+_HF_LOCAL_GLOBAL = (
+    "hidden_activation",
+    "query_pre_attn_scalar",
+    "attn_logit_softcapping",
+    "final_logit_softcapping",
+    "sliding_window",
+    "layer_types",
+)
+_HF_KEYS = {
+    "gemma": _HF_COMMON + ("hidden_act",),
+    "gemma2": _HF_COMMON + _HF_LOCAL_GLOBAL,
+    "gemma3_text": _HF_COMMON + _HF_LOCAL_GLOBAL,
+}
+
+
+class ConfigError(ValueError):
+    """A config file is malformed (the message names the file and the offending key)."""
+
+
+def _fail(path: Path, msg: str) -> ConfigError:
+    return ConfigError(f"{path.name}: {msg}")
+
+
+def _validate(path: Path, data: Any) -> None:
+    if not isinstance(data, dict):
+        raise _fail(path, "top level must be a JSON object")
+    for key in _TOP_KEYS:
+        if key not in data:
+            raise _fail(path, f"missing required key '{key}'")
+    if data["name"] != path.stem:
+        raise _fail(path, f"key 'name' is {data['name']!r}, expected the file stem {path.stem!r}")
+    gen = data["generation"]
+    if gen not in _MODEL_TYPES:
+        raise _fail(path, f"key 'generation' is {gen!r}, expected one of {sorted(_MODEL_TYPES)}")
+    tiny_of = data["tiny_of"]
+    pub = data["published_params"]
+    if tiny_of is None:
+        if not isinstance(pub, dict):
+            raise _fail(path, "key 'published_params' must be an object for a released variant")
+        for key in _PUBLISHED_KEYS:
+            if key not in pub:
+                raise _fail(path, f"missing required key 'published_params.{key}'")
+    else:
+        if not isinstance(tiny_of, str) or not (CONFIG_DIR / f"{tiny_of}.json").is_file():
+            raise _fail(path, f"key 'tiny_of' is {tiny_of!r}, which names no config file")
+        if pub is not None:
+            raise _fail(path, "key 'published_params' must be null for a tiny twin")
+    hf = data["hf_config"]
+    if not isinstance(hf, dict):
+        raise _fail(path, "key 'hf_config' must be an object")
+    model_type = hf.get("model_type")
+    if model_type != _MODEL_TYPES[gen]:
+        raise _fail(
+            path,
+            f"key 'hf_config.model_type' is {model_type!r}, expected {_MODEL_TYPES[gen]!r} for generation {gen}",
+        )
+    for key in _HF_KEYS[model_type]:
+        if key not in hf:
+            raise _fail(path, f"missing required key 'hf_config.{key}'")
+    layer_types = hf.get("layer_types")
+    if layer_types is not None and len(layer_types) != hf["num_hidden_layers"]:
+        raise _fail(
+            path,
+            f"key 'hf_config.layer_types' has {len(layer_types)} entries for "
+            f"num_hidden_layers={hf['num_hidden_layers']}",
+        )
+
+
+@functools.cache
+def _read(name: str) -> dict[str, Any]:
+    path = CONFIG_DIR / f"{name}.json"
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise _fail(path, f"invalid JSON ({exc})") from None
+    _validate(path, data)
+    return data
+
+
+def _all_names() -> list[str]:
+    return [p.stem for p in CONFIG_DIR.glob("*.json")]
+
+
+def _order(name: str) -> tuple[int, int, int, str]:
+    """Generation, then the released parent's size, then released before its tiny twin."""
+    data = _read(name)
+    parent = data["tiny_of"] or name
+    pub = _read(parent)["published_params"]
+    return (data["generation"], pub["total"], data["tiny_of"] is not None, name)
+
+
+def names(tiny: bool | None = None) -> list[str]:
+    """All config names in generation / size order; ``tiny=True`` only the twins, ``False`` only released."""
+    out = sorted(_all_names(), key=_order)
+    if tiny is None:
+        return out
+    return [n for n in out if (_read(n)["tiny_of"] is not None) == tiny]
+
+
+def load(name: str) -> dict[str, Any]:
+    """The whole config file as a dict (a fresh deep copy). Unknown names raise ``KeyError``."""
+    available = sorted(_all_names())
+    if name not in available:
+        close = difflib.get_close_matches(str(name), available, n=3, cutoff=0.6)
+        hint = f"did you mean {', '.join(close)}? " if close else ""
+        raise KeyError(f"unknown config {name!r}; {hint}available: {', '.join(available)}")
+    return copy.deepcopy(_read(name))
+
+
+def hf_config(name: str) -> dict[str, Any]:
+    """A deep copy of the variant's HF ``config.json`` dict (text model)."""
+    return load(name)["hf_config"]
