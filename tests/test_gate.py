@@ -1,0 +1,135 @@
+"""The gate's behaviour: result fields, candidate forms, crashes, unsupported probes, NaN, resume."""
+
+import json
+import subprocess
+import sys
+import xml.etree.ElementTree as ET
+
+import pytest
+import torch
+
+from harness.adapters import AdapterError, resolve
+from harness.gate import conform
+from harness.probes import canonical
+
+pytest.importorskip("transformers")
+MODEL = "gemma-2-2b-tiny"
+ROOT = __file__.rsplit("/tests/", 1)[0]
+
+
+def test_json_has_the_documented_fields():
+    data = conform(MODEL).to_json()
+    for key in ("passed", "model", "dtype", "reference", "candidate", "first_divergence", "probes"):
+        assert key in data
+    assert data["passed"] is True and data["first_divergence"] is None
+    assert [p["name"] for p in data["probes"]] == canonical(4)
+    assert {"name", "passed", "max_abs", "rel_rms", "min_cosine"} <= set(data["probes"][-1]) | set(data["probes"][-1]["metrics"])
+    assert {"kl_max", "top1"} <= set(data["probes"][-1]["metrics"])
+    assert data["environment"]["torch"] == torch.__version__
+
+
+def test_candidate_as_module_class_string():
+    result = conform(MODEL, candidate="examples.my_port:MyGemma2ForCausalLM")
+    assert result.passed, result.verdict()
+    assert result.candidate == "examples.my_port:MyGemma2ForCausalLM"
+
+
+def test_logits_only_adapter_is_unsupported_not_failed():
+    result = conform(MODEL, candidate="examples.my_port:LogitsOnlyAdapter")
+    assert result.passed, result.verdict()
+    statuses = {p.name: p.status for p in result.probes}
+    assert statuses["logits"] == "pass"
+    assert statuses["layers.0.attn"] == "unsupported"
+    assert "logits only" in next(p for p in result.probes if p.name == "embed").note
+
+
+def test_bad_candidate_strings_are_clear_errors():
+    with pytest.raises(AdapterError, match="MODULE:OBJECT"):
+        resolve("no_colon_here")
+    with pytest.raises(AdapterError, match="cannot import candidate module 'no_such_module_xyz'"):
+        resolve("no_such_module_xyz:Thing")
+    with pytest.raises(AdapterError, match="has no attribute 'Nope'"):
+        resolve("examples.my_port:Nope")
+
+
+class _Crashing:
+    name = "crashing"
+
+    def load(self, hf_config, state_dict, dtype):
+        pass
+
+    def run(self, batch):
+        raise RuntimeError("kernel exploded")
+
+
+class _NaNAtLayer2:
+    """Returns the HF probes but with a NaN injected from layer 2's MLP on."""
+
+    name = "nan-port"
+
+    def __init__(self):
+        self.inner = resolve("hf")
+
+    def load(self, hf_config, state_dict, dtype):
+        self.inner.load(hf_config, state_dict, dtype)
+
+    def run(self, batch):
+        out = self.inner.run(batch)
+        poisoned = False
+        for name in canonical(4):
+            poisoned = poisoned or name == "layers.2.mlp"
+            if poisoned:
+                out[name] = out[name].clone()
+                out[name][0, 7] = float("nan")
+        return out
+
+
+def test_crashing_candidate_is_a_result_not_a_crash():
+    result = conform(MODEL, candidate=_Crashing())
+    assert not result.passed
+    assert "kernel exploded" in result.error and "RuntimeError" in result.error
+
+
+def test_nan_is_reported_at_the_first_probe_it_appears():
+    result = conform(MODEL, candidate=_NaNAtLayer2())
+    first = result.first_divergence
+    assert (first.name, first.status) == ("layers.2.mlp", "nonfinite")
+    assert "NaN" in first.note
+
+
+def _cli(*args, cwd=ROOT):
+    return subprocess.run([sys.executable, "-m", "harness.cli", *args], cwd=cwd, capture_output=True, text=True, timeout=300)
+
+
+def test_cli_pass_writes_json_junit_and_report(tmp_path):
+    js, xml, md = tmp_path / "r.json", tmp_path / "r.xml", tmp_path / "r.md"
+    proc = _cli("conform", "--model", MODEL, "--json", str(js), "--junit", str(xml), "--report", str(md))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "PASS gemma-2-2b-tiny" in proc.stdout and "layers.3.mlp" in proc.stdout  # the probe table
+    assert json.loads(js.read_text())["passed"] is True
+    suite = ET.parse(xml).getroot()
+    assert suite.get("tests") == "1" and suite.get("failures") == "0"
+    assert "| gemma-2-2b-tiny | float32 | PASS |" in md.read_text()
+
+
+def test_cli_unknown_model_and_dtype_exit_2():
+    assert _cli("conform", "--model", "gemma-99-tiny").returncode == 2
+    assert _cli("conform", "--model", MODEL, "--dtype", "float8").returncode == 2
+
+
+def test_cli_resume_keeps_finished_results(tmp_path):
+    js = tmp_path / "r.json"
+    assert _cli("conform", "--model", MODEL, "--json", str(js)).returncode == 0
+    first = json.loads(js.read_text())
+    proc = _cli("conform", "--model", MODEL, "--model", "gemma-2b-tiny", "--json", str(js), "--resume")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    data = json.loads(js.read_text())
+    assert [r["model"] for r in data["results"]] == [MODEL, "gemma-2b-tiny"]
+    assert data["results"][0]["wall_s"] == first["wall_s"]  # reused, not rerun
+
+
+def test_cli_configs_lists_every_variant():
+    proc = _cli("configs")
+    assert proc.returncode == 0
+    for name in ("gemma-2b", "gemma-2-27b-tiny", "gemma-3-270m", "gemma-3-27b-tiny"):
+        assert name in proc.stdout
