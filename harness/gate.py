@@ -15,7 +15,7 @@ from reference_impl.spec import ModelSpec
 from . import probes as probe_names
 from .adapters import Adapter, AdapterError, ReferenceAdapter, resolve
 from .compare import ProbeResult, compare_probe
-from .synthetic import make_batch, random_state_dict
+from .synthetic import Batch, make_batch, random_state_dict
 from .tolerance import DTYPES, tolerance_for
 
 
@@ -100,17 +100,26 @@ def environment(dtype: str) -> dict:
 
 def conform(model: str, candidate: str | Adapter = "hf", dtype: str = "float32", seed: int = 0,
             reference: Adapter | None = None) -> ConformanceResult:
-    """Run `model` (a name from configs/) through the reference and the candidate; compare every probe."""
+    """Run `model` (a name from configs/) through the reference and the candidate; compare every probe.
+
+    Weights are random (see :mod:`harness.synthetic`), drawn from `seed`, as are the inputs.
+    """
+    hf_config = configs.hf_config(model)
+    spec = ModelSpec.from_hf_config(hf_config)
+    return compare_implementations(model, hf_config, random_state_dict(spec, seed), make_batch(spec, seed),
+                                   candidate=candidate, dtype=dtype, reference=reference, seed=seed)
+
+
+def compare_implementations(label: str, hf_config: dict, state: dict, batch: Batch, candidate: str | Adapter = "hf",
+                            dtype: str = "float32", reference: Adapter | None = None, seed: int = 0) -> ConformanceResult:
+    """Load `state` into the reference and the candidate, run `batch` through both, compare every probe."""
     start = time.perf_counter()
     tol = tolerance_for(dtype)
     torch_dtype = DTYPES[dtype]
-    hf_config = configs.hf_config(model)
     spec = ModelSpec.from_hf_config(hf_config)
-    state = random_state_dict(spec, seed)
-    batch = make_batch(spec, seed)
     reference = reference or ReferenceAdapter()
-    label = candidate if isinstance(candidate, str) else getattr(candidate, "name", type(candidate).__name__)
-    result = ConformanceResult(model, dtype, reference.name, label, inputs=batch.describe(), seed=seed,
+    name = candidate if isinstance(candidate, str) else getattr(candidate, "name", type(candidate).__name__)
+    result = ConformanceResult(label, dtype, reference.name, name, inputs=batch.describe(), seed=seed,
                                environment=environment(dtype))
     reference.load(hf_config, state, torch_dtype)
     ref_out = reference.run(batch)
@@ -126,10 +135,9 @@ def conform(model: str, candidate: str | Adapter = "hf", dtype: str = "float32",
         result.error = f"candidate crashed: {type(exc).__name__}: {exc} (at {frame.filename}:{frame.lineno})"
     else:
         reasons = getattr(adapter, "unsupported", {}) or {}
-        for name in probe_names.canonical(spec.num_layers):
-            cand = cand_out.get(name)
-            reason = reasons.get(name) or reasons.get("*", "")
-            result.probes.append(compare_probe(name, ref_out[name], cand, batch.valid, tol, reason))
+        for probe in probe_names.canonical(spec.num_layers):
+            reason = reasons.get(probe) or reasons.get("*", "")
+            result.probes.append(compare_probe(probe, ref_out[probe], cand_out.get(probe), batch.valid, tol, reason))
         if cand_out.get("logits") is None:
             result.error = "candidate returned no logits"
     result.wall_s = time.perf_counter() - start
