@@ -7,8 +7,8 @@ Pairs, on every tiny model, in each gate dtype:
 * ``dtype-vs-float64``: the reference in the gate dtype vs the reference in float64 — the rounding
   a port in that dtype cannot avoid.
 
-``gemma-harness calibrate`` prints, per pair and probe kind, the largest ``max_rel`` and logits
-``kl_max`` seen; :mod:`harness.tolerance` sets its limits from these figures.
+``gemma-harness calibrate`` prints, per pair and probe kind, the largest ``max_rel``, ``rel_rms``
+and logits ``kl_max`` seen; :mod:`harness.tolerance` sets its limits from these figures.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from .probes import canonical, locate
 from .synthetic import make_batch, random_state_dict
 from .tolerance import DTYPES, Tolerance
 
-_UNBOUNDED = Tolerance("calibration", max_rel=float("inf"), kl_max=float("inf"))
+_UNBOUNDED = Tolerance("calibration", {"max_rel": float("inf"), "rel_rms": float("inf"), "kl_max": float("inf")})
 
 
 class _HFSdpa(_HFAuto):
@@ -64,14 +64,13 @@ def measure(models: list[str] | None = None, dtypes=("float32", "bfloat16"), see
     return rows
 
 
-def summarise(rows: list[dict]) -> dict[tuple[str, str], dict[str, float]]:
-    """(dtype, pair) -> worst max_rel over all probes, worst logits kl_max."""
-    out: dict[tuple[str, str], dict[str, float]] = {}
+def summarise(rows: list[dict]) -> dict[tuple[str, str, str], dict[str, float]]:
+    """(dtype, pair, probe kind) -> worst max_rel and rel_rms (and logits kl_max), with where."""
+    out: dict[tuple[str, str, str], dict] = {}
     for row in rows:
-        key = (row["dtype"], row["pair"])
-        agg = out.setdefault(key, {"max_rel": 0.0, "kl_max": 0.0, "probe": ""})
-        if row["max_rel"] > agg["max_rel"]:
-            agg["max_rel"], agg["probe"] = row["max_rel"], f"{row['model']}:{row['probe']}"
-        if row["probe"] == "logits":
-            agg["kl_max"] = max(agg["kl_max"], row["kl_max"])
+        agg = out.setdefault((row["dtype"], row["pair"], row["kind"]), {"max_rel": 0.0, "rel_rms": 0.0, "kl_max": 0.0, "at": ""})
+        if row["max_rel"] >= agg["max_rel"]:
+            agg["max_rel"], agg["at"] = row["max_rel"], f"{row['model']}:{row['probe']}"
+        agg["rel_rms"] = max(agg["rel_rms"], row["rel_rms"])
+        agg["kl_max"] = max(agg["kl_max"], row.get("kl_max", 0.0))
     return out

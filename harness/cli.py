@@ -113,9 +113,9 @@ def _cmd_calibrate(args) -> int:
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=1)
-    print(f"{'dtype':<9} {'pair':<18} {'worst max_rel':>13} {'worst logits kl_max':>20}  at")
-    for (dtype, pair), agg in sorted(summarise(rows).items()):
-        print(f"{dtype:<9} {pair:<18} {agg['max_rel']:>13.3e} {agg['kl_max']:>20.3e}  {agg['probe']}")
+    print(f"{'dtype':<9} {'pair':<18} {'kind':<11} {'worst max_rel':>13} {'worst rel_rms':>13} {'kl_max':>10}  worst max_rel at")
+    for (dtype, pair, kind), agg in sorted(summarise(rows).items()):
+        print(f"{dtype:<9} {pair:<18} {kind:<11} {agg['max_rel']:>13.3e} {agg['rel_rms']:>13.3e} {agg['kl_max']:>10.2e}  {agg['at']}")
     return EXIT_OK
 
 

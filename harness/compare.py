@@ -45,11 +45,7 @@ class ProbeResult:
 
     def headroom(self) -> float:
         """Largest metric / tolerance ratio (1.0 = at the limit)."""
-        ratios = []
-        if "max_rel" in self.metrics and self.tolerance.get("max_rel"):
-            ratios.append(self.metrics["max_rel"] / self.tolerance["max_rel"])
-        if "kl_max" in self.metrics and self.tolerance.get("kl_max"):
-            ratios.append(self.metrics["kl_max"] / self.tolerance["kl_max"])
+        ratios = [self.metrics[k] / limit for k, limit in self.tolerance.items() if k in self.metrics and limit]
         return max(ratios, default=0.0)
 
     def to_json(self) -> dict:
@@ -58,26 +54,33 @@ class ProbeResult:
         return out
 
 
-def _metrics(ref: torch.Tensor, cand: torch.Tensor) -> dict[str, float]:
-    r, c = ref.double(), cand.double()
-    err = c - r
-    rms_ref = r.pow(2).mean().sqrt().clamp_min(1e-30)
-    max_abs = err.abs().max()
-    cosine = torch.nn.functional.cosine_similarity(r, c, dim=-1, eps=1e-30)
-    return {
-        "max_abs": float(max_abs),
-        "rel_rms": float(err.pow(2).mean().sqrt() / rms_ref),
-        "max_rel": float(max_abs / rms_ref),
-        "min_cosine": float(cosine.min()),
-    }
+_CHUNK = 64  # tokens per float64 slice: keeps real-vocabulary logits (262k wide) within memory
 
 
-def _logit_metrics(ref: torch.Tensor, cand: torch.Tensor) -> dict[str, float]:
-    log_p = torch.log_softmax(ref.double(), dim=-1)
-    log_q = torch.log_softmax(cand.double(), dim=-1)
-    kl = (log_p.exp() * (log_p - log_q)).sum(-1)
-    top1 = (ref.argmax(-1) == cand.argmax(-1)).double().mean()
-    return {"kl_mean": float(kl.mean()), "kl_max": float(kl.max()), "top1": float(top1)}
+def _metrics(ref: torch.Tensor, cand: torch.Tensor, logits: bool = False) -> dict[str, float]:
+    """Metrics over (tokens, features) tensors, accumulated in float64 over token chunks."""
+    sq_err = sq_ref = max_abs = 0.0
+    min_cos, kl_sum, kl_max, top1 = float("inf"), 0.0, float("-inf"), 0
+    for i in range(0, ref.shape[0], _CHUNK):
+        r, c = ref[i:i + _CHUNK].double(), cand[i:i + _CHUNK].double()
+        err = c - r
+        sq_err += float(err.pow(2).sum())
+        sq_ref += float(r.pow(2).sum())
+        max_abs = max(max_abs, float(err.abs().max()))
+        min_cos = min(min_cos, float(torch.nn.functional.cosine_similarity(r, c, dim=-1, eps=1e-30).min()))
+        if logits:
+            log_p, log_q = torch.log_softmax(r, dim=-1), torch.log_softmax(c, dim=-1)
+            kl = (log_p.exp() * (log_p - log_q)).sum(-1)
+            kl_sum, kl_max = kl_sum + float(kl.sum()), max(kl_max, float(kl.max()))
+            top1 += int((r.argmax(-1) == c.argmax(-1)).sum())
+    n = ref.numel()
+    rms_ref = max((sq_ref / n) ** 0.5, 1e-30)
+    out = {"max_abs": max_abs, "rel_rms": (sq_err / n) ** 0.5 / rms_ref, "max_rel": max_abs / rms_ref,
+           "min_cosine": min_cos}
+    if logits:
+        tokens = ref.shape[0]
+        out |= {"kl_mean": kl_sum / tokens, "kl_max": kl_max, "top1": top1 / tokens}
+    return out
 
 
 def compare_probe(name: str, ref: torch.Tensor, cand: torch.Tensor | None, valid: torch.Tensor, tol: Tolerance,
@@ -95,8 +98,6 @@ def compare_probe(name: str, ref: torch.Tensor, cand: torch.Tensor | None, valid
         bad = (~torch.isfinite(c)).sum().item()
         kind = "NaN" if torch.isnan(c).any() else "Inf"
         return ProbeResult(name, "nonfinite", tolerance=limits, note=f"{kind} in {bad} of {c.numel()} candidate values")
-    metrics = _metrics(r, c)
-    if name == "logits":
-        metrics |= _logit_metrics(r, c)
+    metrics = _metrics(r, c, logits=name == "logits")
     failures = tol.violations(name, metrics)
     return ProbeResult(name, "fail" if failures else "pass", metrics, limits, "; ".join(failures))

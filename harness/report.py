@@ -21,14 +21,16 @@ def _fmt(value: float | None) -> str:
 
 def probe_table(result: ConformanceResult) -> str:
     """One row per probe: metric, tolerance, verdict."""
-    header = f"{'probe':<18} {'status':<11} {'max_abs':>9} {'max_rel':>9} {'tol':>9} {'min_cos':>10} {'kl_max':>9} {'top1':>6}  note"
+    header = (f"{'probe':<18} {'status':<11} {'max_abs':>9} {'max_rel':>9} {'tol':>7} {'rel_rms':>9} {'tol':>7} "
+              f"{'min_cos':>10} {'kl_max':>9} {'top1':>6}  note")
     lines = [header, "-" * len(header)]
     for p in result.probes:
         m = p.metrics
         cos = m.get("min_cosine")
         lines.append(
             f"{p.name:<18} {p.status.upper():<11} {_fmt(m.get('max_abs')):>9} {_fmt(m.get('max_rel')):>9} "
-            f"{_fmt(p.tolerance.get('max_rel')):>9} {('%.7f' % cos) if cos is not None else '-':>10} "
+            f"{_fmt(p.tolerance.get('max_rel')):>7} {_fmt(m.get('rel_rms')):>9} {_fmt(p.tolerance.get('rel_rms')):>7} "
+            f"{('%.7f' % cos) if cos is not None else '-':>10} "
             f"{_fmt(m.get('kl_max')):>9} {('%.3f' % m['top1']) if 'top1' in m else '-':>6}  {p.note}"
         )
     return "\n".join(lines)
