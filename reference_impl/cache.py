@@ -35,8 +35,8 @@ class LayerCache:
 
     def store(self, k, v, slots, valid):
         if self.window is not None:
-            keep = self.window - 1
-            k, v, slots, valid = k[:, :, -keep:], v[:, :, -keep:], slots[-keep:], valid[:, -keep:]
+            start = max(0, slots.numel() - (self.window - 1))
+            k, v, slots, valid = k[:, :, start:], v[:, :, start:], slots[start:], valid[:, start:]
         self.keys, self.values, self.slots, self.valid = k, v, slots, valid
 
     @property

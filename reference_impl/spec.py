@@ -185,7 +185,7 @@ def _base(f: _Fields, *, activation_key: str) -> dict[str, Any]:
         n_layers=f.int("num_hidden_layers"),
         n_heads=n_heads,
         n_kv=n_kv,
-        head_dim=f.int("head_dim", hidden // n_heads),
+        head_dim=f.int("head_dim", 256),  # HF's default for Gemma 1-3 (not hidden // heads)
         intermediate=f.int("intermediate_size"),
         activation=_activation(f.get(activation_key, "gelu_pytorch_tanh"), activation_key),
         model=dict(
