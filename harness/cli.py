@@ -119,6 +119,26 @@ def _cmd_calibrate(args) -> int:
     return EXIT_OK
 
 
+def _cmd_realweights(args) -> int:
+    from . import realweights, report
+
+    try:
+        loaded = realweights.load_real_model()
+    except ImportError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    dtypes = [d.strip() for d in args.dtype.split(",")]
+    results = realweights.run(dtypes, tokens=args.tokens, candidate=args.candidate or args.against, loaded=loaded)
+    for r in results:
+        print(f"\n{r.model} [{r.dtype}]: {r.candidate} vs {r.reference}; {r.inputs}\n{report.probe_table(r)}\n{r.verdict()}")
+    print("\n" + report.summary_table(results))
+    if args.json:
+        report.write_json(args.json, results)
+    if args.report:
+        report.write_atomic(args.report, report.markdown(results, title="Real weights: Gemma 3 270M (GGUF)"))
+    return EXIT_OK if all(r.passed for r in results) else EXIT_FAIL
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gemma-harness", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -146,6 +166,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-v", "--verbose", action="store_true", help="print every model's probe table")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar or failure tables")
     p.set_defaults(func=_cmd_conform)
+
+    p = sub.add_parser("realweights", help="reference vs HF on the real Gemma 3 270M GGUF (needs the `real` extra)")
+    p.add_argument("--against", default="hf")
+    p.add_argument("--candidate", metavar="MODULE:OBJECT")
+    p.add_argument("--dtype", default="float32,bfloat16")
+    p.add_argument("--tokens", type=int, default=1100, help="prompt length (default 1100, > 2x the 512 window)")
+    p.add_argument("--json", metavar="PATH")
+    p.add_argument("--report", metavar="PATH")
+    p.set_defaults(func=_cmd_realweights)
 
     p = sub.add_parser("calibrate", help="measure the spread between correct implementations (tolerance basis)")
     p.add_argument("--model", action="append")

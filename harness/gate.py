@@ -58,7 +58,10 @@ class ConformanceResult:
             where = f"layer {first.layer} {first.sublayer}" if first.layer is not None else first.name
             return f"FAIL {self.model} [{self.dtype}] {self.candidate}: first divergence at {first.name} ({where}): {first.note}"
         closest = self.closest
-        tail = f"; closest to failing: {closest.name} at {closest.headroom():.2g} of tolerance" if closest else ""
+        if closest is not None and closest.headroom() == 0:
+            tail = "; bit-exact at every probe"
+        else:
+            tail = f"; closest to failing: {closest.name} at {closest.headroom():.2g} of tolerance" if closest else ""
         skipped = f"; {len(self.unsupported)} probes unsupported" if self.unsupported else ""
         return f"PASS {self.model} [{self.dtype}] {self.candidate} vs {self.reference}: {len(self.probes) - len(self.unsupported)} probes{skipped}{tail}"
 

@@ -52,6 +52,8 @@ def summary_table(results: Sequence[ConformanceResult]) -> str:
             where = r.error
         elif r.first_divergence:
             where = f"FIRST DIVERGENCE {r.first_divergence.name}: {r.first_divergence.note}"
+        elif r.closest and r.closest.headroom() == 0:
+            where = "bit-exact at every probe"
         elif r.closest:
             where = f"closest: {r.closest.name} ({r.closest.headroom():.2g} of tol)"
         else:
@@ -114,8 +116,12 @@ def markdown(results: Sequence[ConformanceResult], title: str = "Conformance rep
         logits = next((p for p in r.probes if p.name == "logits"), None)
         lm = logits.metrics if logits else {}
         verdict = "ERROR" if r.error else ("PASS" if r.passed else "**FAIL**")
-        where = r.error or (f"`{r.first_divergence.name}`: {r.first_divergence.note}" if r.first_divergence else
-                            (f"`{r.closest.name}` at {r.closest.headroom():.2g} of tolerance" if r.closest else ""))
+        if r.error or r.first_divergence:
+            where = r.error or f"`{r.first_divergence.name}`: {r.first_divergence.note}"
+        elif r.closest and r.closest.headroom() == 0:
+            where = "bit-exact at every probe"
+        else:
+            where = f"`{r.closest.name}` at {r.closest.headroom():.2g} of tolerance" if r.closest else ""
         out.append(f"| {r.model} | {r.dtype} | {verdict} | {_fmt(_worst(r, 'max_rel'))} | {_fmt(lm.get('max_abs'))} | "
                    f"{_fmt(lm.get('kl_max'))} | {('%.3f' % lm['top1']) if 'top1' in lm else '-'} | {r.wall_s:.2f} | {where} |")
     if results:

@@ -29,7 +29,10 @@ values, worst in the deepest layers), so ``attn`` probes get max_rel 0.5 (1.9x t
 and rel_rms 0.064 (2x 0.032); every other probe max_rel 0.2 (2.4x the worst, 0.083) and rel_rms
 0.03 (2.3x 0.013); logits kl_max 0.01 (5x the worst, 1.9e-3). The rel_rms limit is what localises
 a moderate bug in bf16: query scale by head_dim on gemma-3-27b-tiny has max_rel 0.34 (< 0.5) but
-rel_rms 0.080 at layers.0.attn. Bugs below bf16 rounding are invisible in bf16 by construction —
+rel_rms 0.080 at layers.0.attn. The ``embed`` probe is a lookup and one multiply, with no op-order freedom (eager vs sdpa: 0), so
+in bf16 it gets max_rel 2e-3 / rel_rms 5e-4: a normalizer multiplied in fp32 instead of rounded to
+bf16 first (HF #29402, #37109) shows max_rel 0.019 there. Other bugs below bf16 rounding are
+invisible in bf16 by construction —
 exact GELU, eps 1e-5, the Gemma 2 attention softcap dropped or the 27B query scale on Gemma 2
 (rel_rms 0.016 at layer 0, inside the 0.013–0.017 correct spread there), the embed normalizer not
 rounded to bf16 first: gate those in float32.
@@ -64,7 +67,8 @@ class Tolerance:
 POLICY: dict[str, Tolerance] = {
     "float32": Tolerance("float32", {"max_rel": 1e-4, "rel_rms": 1e-5, "kl_max": 1e-6}),
     "bfloat16": Tolerance("bfloat16", {"max_rel": 0.2, "rel_rms": 0.03, "kl_max": 1e-2},
-                          per_kind={"attn": {"max_rel": 0.5, "rel_rms": 0.064}}),
+                          per_kind={"attn": {"max_rel": 0.5, "rel_rms": 0.064},
+                                    "embed": {"max_rel": 2e-3, "rel_rms": 5e-4}}),
 }
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}

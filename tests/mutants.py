@@ -65,6 +65,13 @@ def _unscaled_embedding(self, input_ids):
     return nn.functional.embedding(input_ids, self.weight, self.padding_idx)
 
 
+def _unrounded_normalizer_embedding(self, input_ids):
+    """Multiplies by sqrt(hidden_size) in fp32 and rounds the product, instead of rounding the scalar to
+    the model dtype first (in bf16: x * 8.485 rather than x * 8.5 for hidden 72)."""
+    out = nn.functional.embedding(input_ids, self.weight, self.padding_idx)
+    return (out.float() * self.scalar_embed_scale).to(out.dtype)
+
+
 def _loaded_but_not_applied(self, x):
     """The norm's weight is loaded (so the state dict fits) but the forward never applies it."""
     return x
@@ -528,6 +535,24 @@ MUTANTS = [
     G3GlobalEverySixthFromZero, G3AllLayersSliding, G3QKNormAfterRope, G3QKNormNoOffset, G3WindowTooWide,
     G3ScaleByHeadDim, G3GqaTiled,
 ]
+
+
+# --------------------------------------------------------------------------------------------------
+# bf16-only recipe bugs: identical in float32, a deviation from the reference cast order in bf16
+
+
+class G2NormalizerNotRounded(Gemma2ForCausalLM):
+    MODEL = "gemma-2-2b-tiny"
+    EXPECTED = "embed"
+    BUG = "embedding normalizer applied in fp32 (not rounded to bf16 first)"
+    SOURCE = "numerics §5.1 #3; catalogue rows 1-3 (transformers#29402, gemma_pytorch#67, transformers#37109)"
+
+    def __init__(self, config):
+        super().__init__(config)
+        _bind(self.model.embed_tokens, _unrounded_normalizer_embedding)
+
+
+BF16_ONLY = [G2NormalizerNotRounded]
 
 
 # --------------------------------------------------------------------------------------------------

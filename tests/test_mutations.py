@@ -111,6 +111,12 @@ def test_large_mutant_caught_bfloat16(cls):
 # Unmutated candidates pass on the same models
 
 
+@pytest.mark.parametrize("cls", mutants.BF16_ONLY, ids=lambda c: c.__name__)
+def test_bf16_only_mutant_caught_in_bf16_and_passes_float32(cls):
+    _check_caught(cls, "bfloat16")
+    assert conform(cls.MODEL, candidate=cls, dtype="float32").passed
+
+
 @pytest.mark.parametrize("model", sorted({m.MODEL for m in mutants.MUTANTS}))
 def test_unmutated_hf_class_passes(model):
     result = conform(model, candidate=HF_CLASS[configs.load(model)["generation"]], dtype="float32")
