@@ -83,14 +83,49 @@ def _metrics(ref: torch.Tensor, cand: torch.Tensor, logits: bool = False) -> dic
     return out
 
 
+def _top_margin(probs: torch.Tensor, k: int) -> torch.Tensor:
+    """Probability gap between the k-th and (k+1)-th expert, per token: how close the choice was."""
+    top = torch.topk(probs.float(), k=min(k + 1, probs.shape[-1]), dim=-1).values
+    return top[..., k - 1] - top[..., k] if top.shape[-1] > k else torch.full(top.shape[:-1], float("inf"))
+
+
+def compare_router(name: str, ref: torch.Tensor, cand: torch.Tensor, valid: torch.Tensor, tol: Tolerance,
+                   ref_probs: torch.Tensor | None = None) -> ProbeResult:
+    """Dispatch weights (B, T, E): expert choices compared as sets per token, weights where the sets agree.
+
+    A token whose set differs is a flip. A flip is tolerated only on a near-tie: where the reference's
+    own k-th and (k+1)-th expert probabilities are closer than the dtype's ``router_margin``.
+    """
+    limits = tol.for_probe(name)
+    r, c = ref[valid].float(), cand[valid].float()  # (tokens, experts)
+    k = int((r != 0).sum(-1).max())
+    flipped = ((r != 0) != (c != 0)).any(-1)
+    n_flip, tokens = int(flipped.sum()), r.shape[0]
+    metrics = _metrics(r[~flipped], c[~flipped]) if (~flipped).any() else {}
+    metrics |= {"tokens_flipped": float(n_flip), "tokens": float(tokens)}
+    notes, failed = [], tol.violations(name, metrics) if (~flipped).any() else []
+    if n_flip:
+        margins = _top_margin(ref_probs[valid], k)[flipped] if ref_probs is not None else None
+        worst = float(margins.max()) if margins is not None else float("inf")
+        metrics["flip_max_margin"] = worst
+        notes.append(f"{n_flip} of {tokens} tokens chose other experts (largest reference margin {worst:.2g})")
+        if worst > tol.router_margin:
+            failed.append(f"expert choice differs beyond a near-tie (margin {worst:.2g} > {tol.router_margin:.2g})")
+        else:
+            notes.append("all on near-ties: later probes judged against the reference routed as the candidate")
+    return ProbeResult(name, "fail" if failed else "pass", metrics, limits, "; ".join(failed + notes))
+
+
 def compare_probe(name: str, ref: torch.Tensor, cand: torch.Tensor | None, valid: torch.Tensor, tol: Tolerance,
-                  unsupported_reason: str = "") -> ProbeResult:
+                  unsupported_reason: str = "", ref_probs: torch.Tensor | None = None) -> ProbeResult:
     limits = tol.for_probe(name)
     if cand is None:
         return ProbeResult(name, "unsupported", tolerance=limits, note=unsupported_reason or "not captured by the candidate")
     if tuple(cand.shape) != tuple(ref.shape):
         return ProbeResult(name, "error", tolerance=limits,
                            note=f"shape {tuple(cand.shape)} differs from the reference's {tuple(ref.shape)}")
+    if name.endswith(".router") and torch.isfinite(cand).all():
+        return compare_router(name, ref, cand, valid, tol, ref_probs)
     r, c = ref[valid], cand[valid]  # (tokens, features)
     if not torch.isfinite(r).all():
         return ProbeResult(name, "error", tolerance=limits, note="the reference itself is not finite here")

@@ -16,6 +16,21 @@ def canonical(num_layers: int) -> list[str]:
     return names + ["final_norm", "logits"]
 
 
+def for_spec(spec) -> list[str]:
+    """The canonical probes plus Gemma 4's own, in forward order: per layer attn, mlp, then router and
+    moe (MoE layers), ple (per-layer-embedding models), out."""
+    names = ["embed"]
+    for layer in spec.layers:
+        p = f"layers.{layer.index}"
+        names += [f"{p}.attn", f"{p}.mlp"]
+        if layer.moe is not None:
+            names += [f"{p}.router", f"{p}.moe"]
+        if spec.ple is not None:
+            names.append(f"{p}.ple")
+        names.append(f"{p}.out")
+    return names + ["final_norm", "logits"]
+
+
 def locate(name: str) -> tuple[int | None, str]:
     """'layers.3.mlp' -> (3, 'mlp'); 'embed' -> (None, 'embed')."""
     match = _LAYER_PROBE.match(name)

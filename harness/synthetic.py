@@ -7,6 +7,11 @@ nearly uniform, and a norm weight left at 0 makes (1 + w) look like w's absence.
 * linear layers N(0, 1/fan_in), with q and k ×3 so attention logits reach the ±50 softcap;
 * the (tied) embedding is scaled so the logits have std ≈ 13 and several % exceed the ±30 cap;
 * sequences are ≥ 3× the largest sliding window, and the second row is left-padded.
+
+Gemma 4 norms scale by ``w`` itself, so its norm gains are drawn around 1 (N(1, 0.25)); its q/k
+norm gains N(1, 0.15)·D^-¼ (attention scale is 1.0: unit gains make attention near-argmax and the
+tiny model chaotic); ``layer_scalar`` U(0.5, 1), ``per_expert_scale`` U(0.5, 1.5), router ``scale``
+N(1, 0.25) — none left at its initial 1, where a port that drops it would pass.
 """
 
 from __future__ import annotations
@@ -32,8 +37,13 @@ def random_state_dict(spec: ModelSpec, seed: int = 0) -> dict[str, torch.Tensor]
     state = {}
     for name, shape in expected_shapes(spec).items():
         w = torch.randn(shape, generator=gen)
+        if spec.norm_offset == 0 and (len(shape) == 1 or name.endswith("layer_scalar")):
+            state[name] = _gemma4_gain(name, w, shape, gen)
+            continue
         if len(shape) == 1:
             w *= NORM_STD
+        elif name.endswith(("experts.gate_up_proj", "experts.down_proj")):
+            w /= math.sqrt(shape[2])
         elif name in ("model.embed_tokens.weight", "lm_head.weight"):
             w *= LOGIT_STD / math.sqrt(spec.hidden_size)
         else:
@@ -42,6 +52,17 @@ def random_state_dict(spec: ModelSpec, seed: int = 0) -> dict[str, torch.Tensor]
                 w *= QK_GAIN
         state[name] = w
     return state
+
+
+def _gemma4_gain(name: str, w: torch.Tensor, shape, gen) -> torch.Tensor:
+    """Gains of a norm that multiplies by w (Gemma 4), and the other per-channel scales."""
+    if name.endswith("layer_scalar"):
+        return 0.5 + 0.5 * torch.rand(shape, generator=gen)
+    if name.endswith("per_expert_scale"):
+        return 0.5 + torch.rand(shape, generator=gen)
+    if name.endswith(("q_norm.weight", "k_norm.weight")):
+        return (1 + 0.15 * w) * shape[0] ** -0.25
+    return 1 + 0.25 * w
 
 
 @dataclass

@@ -9,11 +9,18 @@ import torch
 import torch.nn.functional as F
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, offset: float) -> torch.Tensor:
-    """Gemma RMSNorm: normalise and scale in fp32, one cast back at the end: ``(x̂ * (offset + w)).to(x)``."""
+def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float, offset: float, use_pow: bool = False) -> torch.Tensor:
+    """Gemma RMSNorm: normalise and scale in fp32, one cast back at the end: ``(x̂ * (offset + w)).to(x)``.
+
+    Gemma 1-3: offset 1 and ``rsqrt``; Gemma 4: offset 0 and ``pow(·, -0.5)`` (not bitwise the same);
+    ``weight=None`` is Gemma 4's scale-free norm (V norm, router input norm).
+    """
     xf = x.float()
-    y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
-    return (y * (offset + weight.float())).type_as(x)
+    mean_sq = xf.pow(2).mean(-1, keepdim=True) + eps
+    y = xf * (torch.pow(mean_sq, -0.5) if use_pow else torch.rsqrt(mean_sq))
+    if weight is not None:
+        y = y * (offset + weight.float()) if offset else y * weight.float()
+    return y.type_as(x)
 
 
 def gelu(x: torch.Tensor, kind: str) -> torch.Tensor:
@@ -28,9 +35,16 @@ def softcap(x: torch.Tensor, cap: float | None) -> torch.Tensor:
     return torch.tanh(x / cap) * cap
 
 
-def rope_inv_freq(head_dim: int, theta: float, linear_factor: float = 1.0) -> torch.Tensor:
-    """(D/2,) fp32 inverse frequencies; linear scaling divides them by the factor."""
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float) / head_dim))
+def rope_inv_freq(head_dim: int, theta: float, linear_factor: float = 1.0, rotary_fraction: float = 1.0) -> torch.Tensor:
+    """(D/2,) fp32 inverse frequencies; linear scaling divides them by the factor.
+
+    A rotary fraction f < 1 (proportional RoPE) keeps the first int(f * D / 2) frequencies of a full-D
+    RoPE (the exponent's denominator stays D) and zeroes the rest.
+    """
+    angles = int(rotary_fraction * head_dim // 2)
+    inv_freq = 1.0 / (theta ** (torch.arange(0, 2 * angles, 2, dtype=torch.float) / head_dim))
+    if angles < head_dim // 2:
+        inv_freq = torch.cat((inv_freq, torch.zeros(head_dim // 2 - angles)))
     return inv_freq / linear_factor if linear_factor != 1.0 else inv_freq
 
 

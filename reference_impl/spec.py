@@ -12,6 +12,10 @@ Each generation is written as a small diff on the previous one, like HF's ``modu
   logit softcaps, "sandwich" norms (post-attention and post-MLP norms).
 * Gemma 3: + QK-norm, 5:1 sliding/global pattern, a RoPE base (and linear scaling) per layer
   type, no attention softcap (HF ignores the config field; so do we).
+* Gemma 4: RMSNorm is ``x * w`` (not ``1 + w``) via ``pow(ms + eps, -0.5)``; attention scale 1.0 with
+  a scale-free V norm; global layers get their own head dim, KV heads and proportional RoPE, and
+  K=V where configured; optional MoE beside the dense MLP, per-layer embeddings (PLE), KV-shared
+  tail layers (double-wide MLP there where configured), a per-layer ``layer_scalar``.
 """
 
 from __future__ import annotations
@@ -36,6 +40,25 @@ class RopeSpec:
     theta: float
     # HF rope_type "linear": inverse frequencies divided by this factor.
     linear_factor: float = 1.0
+    # HF rope_type "proportional" (Gemma 4 global layers): only the first int(f * D / 2) frequencies of a
+    # full-D RoPE rotate; the rest are 0 (identity). With rotate_half those are dims [0, fD/2) and
+    # [D/2, D/2 + fD/2) — not "the first f*D dims".
+    rotary_fraction: float = 1.0
+
+
+@dataclass(frozen=True)
+class MoESpec:
+    num_experts: int
+    top_k: int
+    intermediate_size: int
+
+
+@dataclass(frozen=True)
+class PLESpec:
+    """Per-layer embeddings: a packed (vocab, layers * dim) table plus a projection of the embedding."""
+
+    dim: int
+    vocab_size: int
 
 
 @dataclass(frozen=True)
@@ -52,10 +75,18 @@ class LayerSpec:
     rope: RopeSpec
     intermediate_size: int
     sandwich_norms: bool  # post-attention and post-MLP norms on the sublayer outputs (Gemma 2+)
+    v_norm: bool = False  # Gemma 4: scale-free RMSNorm on V
+    k_eq_v: bool = False  # Gemma 4 global layers: no V projection; V is the raw key projection
+    kv_donor: int | None = None  # Gemma 4 KV-shared layer: attends to this layer's K/V, has none of its own
+    moe: MoESpec | None = None  # Gemma 4 26B-A4B: experts in parallel with the dense MLP
 
     @property
     def kv_groups(self) -> int:
         return self.num_heads // self.num_kv_heads
+
+    @property
+    def has_kv(self) -> bool:
+        return self.kv_donor is None
 
 
 @dataclass(frozen=True)
@@ -73,6 +104,9 @@ class ModelSpec:
     pad_token_id: int | None = 0
     bos_token_id: int | None = 2
     eos_token_id: int | list[int] | None = 1
+    norm_pow: bool = False  # Gemma 4: x * pow(mean(x^2) + eps, -0.5) (bitwise unlike rsqrt)
+    layer_scalar: bool = False  # Gemma 4: the residual stream is multiplied by a per-layer checkpoint scalar
+    ple: PLESpec | None = None  # Gemma 4 E2B/E4B
     hf_config: Mapping[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     @property
@@ -150,12 +184,17 @@ def _rope(params: Any, key: str) -> RopeSpec:
         raise ConfigError(f"config field {key}.rope_theta must be a positive number, got {theta!r}")
     if rope_type == "default":
         return RopeSpec(theta=float(theta))
+    if rope_type == "proportional":
+        fraction = params.get("partial_rotary_factor", 1.0)
+        if not isinstance(fraction, (int, float)) or not 0 < fraction <= 1:
+            raise ConfigError(f"config field {key}.partial_rotary_factor must be in (0, 1], got {fraction!r}")
+        return RopeSpec(theta=float(theta), linear_factor=float(params.get("factor", 1.0)), rotary_fraction=float(fraction))
     if rope_type == "linear":
         factor = params.get("factor")
         if not isinstance(factor, (int, float)) or factor <= 0:
             raise ConfigError(f"config field {key}.factor must be a positive number, got {factor!r}")
         return RopeSpec(theta=float(theta), linear_factor=float(factor))
-    raise ConfigError(f"config field {key}.rope_type {rope_type!r} is not supported (default, linear)")
+    raise ConfigError(f"config field {key}.rope_type {rope_type!r} is not supported (default, linear, proportional)")
 
 
 def _layer_types(f: _Fields, n_layers: int, default_rule) -> list[str]:
@@ -238,7 +277,7 @@ def _derive_gemma2(f: _Fields) -> ModelSpec:
     return ModelSpec(layers=layers, activation=b["activation"], final_softcap=f.float("final_logit_softcapping", 30.0), **b["model"])
 
 
-def _gemma3_ropes(f: _Fields) -> dict[str, RopeSpec]:
+def _ropes_per_type(f: _Fields) -> dict[str, RopeSpec]:
     params = f.get("rope_parameters")
     if isinstance(params, Mapping) and "sliding_attention" in params and "full_attention" in params:
         return {
@@ -262,7 +301,7 @@ def _derive_gemma3(f: _Fields) -> ModelSpec:
     window = f.int("sliding_window", 4096)
     pattern = f.int("sliding_window_pattern", 6)
     types = _layer_types(f, b["n_layers"], lambda i: SLIDING if (i + 1) % pattern else GLOBAL)
-    ropes = _gemma3_ropes(f)
+    ropes = _ropes_per_type(f)
     layers = tuple(
         LayerSpec(
             index=i, attention=t, window=window if t == SLIDING else None,
@@ -277,8 +316,65 @@ def _derive_gemma3(f: _Fields) -> ModelSpec:
     return ModelSpec(layers=layers, activation=b["activation"], final_softcap=f.float("final_logit_softcapping"), **b["model"])
 
 
+def _gemma4_donors(types: list[str], n_shared: int) -> list[int | None]:
+    """The last ``n_shared`` layers reuse K/V of the last earlier layer of their own attention type."""
+    first_shared = len(types) - n_shared
+    donors: list[int | None] = [None] * len(types)
+    for i in range(first_shared, len(types)):
+        candidates = [j for j in range(first_shared) if types[j] == types[i]]
+        if not candidates:
+            raise ConfigError(
+                f"config field 'num_kv_shared_layers' ({n_shared}) leaves layer {i} ({types[i]}) without an earlier "
+                "layer of its type to share K/V with"
+            )
+        donors[i] = candidates[-1]
+    return donors
+
+
+def _derive_gemma4(f: _Fields) -> ModelSpec:
+    b = _base(f, activation_key="hidden_activation")
+    if f.get("use_bidirectional_attention") == "all":
+        raise ConfigError("config field 'use_bidirectional_attention' is 'all'; only causal text attention is supported")
+    n = b["n_layers"]
+    types = _layer_types(f, n, lambda i: GLOBAL if (i + 1) % 6 == 0 or i == n - 1 else SLIDING)
+    window = f.int("sliding_window", 512)
+    ropes = _ropes_per_type(f)
+    k_eq_v = bool(f.get("attention_k_eq_v", False))
+    global_kv = f.get("num_global_key_value_heads") if k_eq_v else None
+    geometry = {
+        SLIDING: (b["n_kv"], b["head_dim"]),
+        GLOBAL: (global_kv or b["n_kv"], f.int("global_head_dim", 512)),
+    }
+    donors = _gemma4_donors(types, f.int("num_kv_shared_layers", 0, minimum=0))
+    double_wide = bool(f.get("use_double_wide_mlp", False))
+    moe = None
+    if f.get("enable_moe_block"):
+        moe = MoESpec(f.int("num_experts"), f.int("top_k_experts"), f.int("moe_intermediate_size"))
+        if moe.top_k > moe.num_experts:
+            raise ConfigError(f"config field 'top_k_experts' ({moe.top_k}) exceeds 'num_experts' ({moe.num_experts})")
+    layers = []
+    for i, t in enumerate(types):
+        n_kv, head_dim = geometry[t]
+        if b["n_heads"] % n_kv:
+            raise ConfigError(f"layer {i} ({t}): {b['n_heads']} query heads are not a multiple of {n_kv} KV heads")
+        shared = donors[i] is not None
+        layers.append(LayerSpec(
+            index=i, attention=t, window=window if t == SLIDING else None,
+            num_heads=b["n_heads"], num_kv_heads=n_kv, head_dim=head_dim,
+            query_scale=1.0, attn_softcap=None, qk_norm=True, rope=ropes[t],
+            intermediate_size=b["intermediate"] * (2 if double_wide and shared else 1), sandwich_norms=True,
+            v_norm=True, k_eq_v=k_eq_v and t == GLOBAL, kv_donor=donors[i], moe=moe,
+        ))
+    ple_dim = f.int("hidden_size_per_layer_input", 0, minimum=0)
+    ple = PLESpec(ple_dim, f.int("vocab_size_per_layer_input", b["model"]["vocab_size"])) if ple_dim else None
+    model = {**b["model"], "norm_offset": 0.0}
+    return ModelSpec(layers=tuple(layers), activation=b["activation"], final_softcap=f.float("final_logit_softcapping"),
+                     norm_pow=True, layer_scalar=True, ple=ple, **model)
+
+
 _DERIVE = {
     "gemma": _derive_gemma,
     "gemma2": _derive_gemma2,
     "gemma3_text": _derive_gemma3,
+    "gemma4_text": _derive_gemma4,
 }

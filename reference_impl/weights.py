@@ -2,7 +2,9 @@
 
 The mapping is an explicit table per layer. The one name that changes meaning across generations:
 HF's ``post_attention_layernorm`` is the *pre-MLP* norm in Gemma 1 and the norm on the attention
-output in Gemma 2 and 3 (where ``pre_feedforward_layernorm`` is the pre-MLP norm).
+output in Gemma 2+ (where ``pre_feedforward_layernorm`` is the pre-MLP norm). Gemma 4 adds
+``layer_scalar`` (a checkpoint buffer), the MoE router/experts and their three norms, the per-layer
+embedding tensors, and drops K/V tensors on KV-shared layers (and ``v_proj`` on K=V layers).
 """
 
 from __future__ import annotations
@@ -20,66 +22,88 @@ class WeightError(ValueError):
     """A checkpoint that does not fit the model; the message names the tensor."""
 
 
-def _layer_table(layer: LayerSpec) -> dict[str, str]:
-    """HF suffix under ``model.layers.{i}.`` -> reference suffix under ``layers.{i}.``."""
-    table = {
-        "input_layernorm.weight": "attn_norm.weight",
-        "self_attn.q_proj.weight": "attn.q.weight",
-        "self_attn.k_proj.weight": "attn.k.weight",
-        "self_attn.v_proj.weight": "attn.v.weight",
-        "self_attn.o_proj.weight": "attn.o.weight",
-        "mlp.gate_proj.weight": "mlp.gate.weight",
-        "mlp.up_proj.weight": "mlp.up.weight",
-        "mlp.down_proj.weight": "mlp.down.weight",
-    }
+def _model_entries(spec: ModelSpec) -> list[tuple[str, str, tuple[int, ...]]]:
+    """(HF name, reference name, shape) for every tensor outside the layers."""
+    h, v = spec.hidden_size, spec.vocab_size
+    entries = [("model.embed_tokens.weight", "embed.weight", (v, h)), ("model.norm.weight", "final_norm.weight", (h,))]
+    if not spec.tie_embeddings:
+        entries.append(("lm_head.weight", "lm_head.weight", (v, h)))
+    if spec.ple is not None:
+        width = spec.num_layers * spec.ple.dim
+        entries += [
+            ("model.embed_tokens_per_layer.weight", "ple.table.weight", (spec.ple.vocab_size, width)),
+            ("model.per_layer_model_projection.weight", "ple.proj.weight", (width, h)),
+            ("model.per_layer_projection_norm.weight", "ple.norm.weight", (spec.ple.dim,)),
+        ]
+    return entries
+
+
+def _layer_entries(spec: ModelSpec, layer: LayerSpec) -> list[tuple[str, str, tuple[int, ...]]]:
+    """(HF suffix under ``model.layers.{i}.``, reference suffix under ``layers.{i}.``, shape)."""
+    h, n, k, d, f = spec.hidden_size, layer.num_heads, layer.num_kv_heads, layer.head_dim, layer.intermediate_size
+    entries = [
+        ("input_layernorm.weight", "attn_norm.weight", (h,)),
+        ("self_attn.q_proj.weight", "attn.q.weight", (n * d, h)),
+        ("self_attn.o_proj.weight", "attn.o.weight", (h, n * d)),
+        ("mlp.gate_proj.weight", "mlp.gate.weight", (f, h)),
+        ("mlp.up_proj.weight", "mlp.up.weight", (f, h)),
+        ("mlp.down_proj.weight", "mlp.down.weight", (h, f)),
+    ]
+    if layer.has_kv:  # KV-shared layers carry no K/V projections or norms
+        entries.append(("self_attn.k_proj.weight", "attn.k.weight", (k * d, h)))
+        if not layer.k_eq_v:
+            entries.append(("self_attn.v_proj.weight", "attn.v.weight", (k * d, h)))
     if layer.sandwich_norms:
-        table |= {
-            "post_attention_layernorm.weight": "attn_post_norm.weight",
-            "pre_feedforward_layernorm.weight": "mlp_norm.weight",
-            "post_feedforward_layernorm.weight": "mlp_post_norm.weight",
-        }
+        entries += [
+            ("post_attention_layernorm.weight", "attn_post_norm.weight", (h,)),
+            ("pre_feedforward_layernorm.weight", "mlp_norm.weight", (h,)),
+            ("post_feedforward_layernorm.weight", "mlp_post_norm.weight", (h,)),
+        ]
     else:
-        table["post_attention_layernorm.weight"] = "mlp_norm.weight"
+        entries.append(("post_attention_layernorm.weight", "mlp_norm.weight", (h,)))
     if layer.qk_norm:
-        table |= {"self_attn.q_norm.weight": "attn.q_norm.weight", "self_attn.k_norm.weight": "attn.k_norm.weight"}
-    return table
+        entries.append(("self_attn.q_norm.weight", "attn.q_norm.weight", (d,)))
+        if layer.has_kv:
+            entries.append(("self_attn.k_norm.weight", "attn.k_norm.weight", (d,)))
+    if layer.moe is not None:
+        e, i = layer.moe.num_experts, layer.moe.intermediate_size
+        entries += [
+            ("router.proj.weight", "router.proj.weight", (e, h)),
+            ("router.scale", "router.scale", (h,)),
+            ("router.per_expert_scale", "router.per_expert_scale", (e,)),
+            ("experts.gate_up_proj", "experts.gate_up", (e, 2 * i, h)),
+            ("experts.down_proj", "experts.down", (e, h, i)),
+            ("post_feedforward_layernorm_1.weight", "mlp_branch_norm.weight", (h,)),
+            ("pre_feedforward_layernorm_2.weight", "moe_norm.weight", (h,)),
+            ("post_feedforward_layernorm_2.weight", "moe_post_norm.weight", (h,)),
+        ]
+    if spec.ple is not None:
+        entries += [
+            ("per_layer_input_gate.weight", "ple_gate.weight", (spec.ple.dim, h)),
+            ("per_layer_projection.weight", "ple_proj.weight", (h, spec.ple.dim)),
+            ("post_per_layer_input_norm.weight", "ple_post_norm.weight", (h,)),
+        ]
+    if spec.layer_scalar:
+        entries.append(("layer_scalar", "layer_scalar", (1,)))
+    return entries
+
+
+def _entries(spec: ModelSpec) -> list[tuple[str, str, tuple[int, ...]]]:
+    out = _model_entries(spec)
+    for layer in spec.layers:
+        i = layer.index
+        out += [(f"model.layers.{i}.{hf}", f"layers.{i}.{ref}", shape) for hf, ref, shape in _layer_entries(spec, layer)]
+    return out
 
 
 def name_map(spec: ModelSpec) -> dict[str, str]:
     """Every HF tensor name the checkpoint must carry -> reference parameter name."""
-    names = {"model.embed_tokens.weight": "embed.weight", "model.norm.weight": "final_norm.weight"}
-    if not spec.tie_embeddings:
-        names["lm_head.weight"] = "lm_head.weight"
-    for layer in spec.layers:
-        i = layer.index
-        names |= {f"model.layers.{i}.{hf}": f"layers.{i}.{ref}" for hf, ref in _layer_table(layer).items()}
-    return names
+    return {hf: ref for hf, ref, _ in _entries(spec)}
 
 
 def expected_shapes(spec: ModelSpec) -> dict[str, tuple[int, ...]]:
     """HF tensor name -> shape, derived from the spec alone."""
-    h, v = spec.hidden_size, spec.vocab_size
-    shapes = {"model.embed_tokens.weight": (v, h), "model.norm.weight": (h,)}
-    if not spec.tie_embeddings:
-        shapes["lm_head.weight"] = (v, h)
-    for layer in spec.layers:
-        p, n, k, d, f = f"model.layers.{layer.index}.", layer.num_heads, layer.num_kv_heads, layer.head_dim, layer.intermediate_size
-        shapes |= {
-            p + "self_attn.q_proj.weight": (n * d, h),
-            p + "self_attn.k_proj.weight": (k * d, h),
-            p + "self_attn.v_proj.weight": (k * d, h),
-            p + "self_attn.o_proj.weight": (h, n * d),
-            p + "mlp.gate_proj.weight": (f, h),
-            p + "mlp.up_proj.weight": (f, h),
-            p + "mlp.down_proj.weight": (h, f),
-        }
-        norms = ["input_layernorm", "post_attention_layernorm"]
-        if layer.sandwich_norms:
-            norms += ["pre_feedforward_layernorm", "post_feedforward_layernorm"]
-        shapes |= {f"{p}{norm}.weight": (h,) for norm in norms}
-        if layer.qk_norm:
-            shapes |= {p + "self_attn.q_norm.weight": (d,), p + "self_attn.k_norm.weight": (d,)}
-    return shapes
+    return {hf: shape for hf, _, shape in _entries(spec)}
 
 
 def count_parameters(spec: ModelSpec) -> dict[str, int]:

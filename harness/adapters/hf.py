@@ -88,15 +88,29 @@ class HFCausalLMAdapter:
                     targets[f"layers.{i}.{sub}"] = getattr(layer, attr)
                 else:
                     self.unsupported[f"layers.{i}.{sub}"] = f"layer {i} has no {attr}"
+            # Gemma 4: router (probs, top-k weights, top-k ids), experts output, per-layer-input branch
+            for attr, sub in (("router", "router"), ("experts", "moe"), ("per_layer_projection", "ple")):
+                if getattr(layer, attr, None) is not None:
+                    targets[f"layers.{i}.{sub}"] = getattr(layer, attr)
         return targets
 
     @torch.no_grad()
     def run(self, batch: Batch) -> dict[str, torch.Tensor]:
         captured: dict[str, torch.Tensor] = {}
 
+        b, t = batch.input_ids.shape
+
         def hook(name):
             def record(_module, _inputs, output):
-                captured[name] = _first(output).detach()
+                if name.endswith(".router"):  # (probs (N, E), weights (N, K), experts (N, K)) -> dispatch (B, T, E)
+                    probs, weights, experts = output
+                    dispatch = torch.zeros_like(probs).scatter(-1, experts, weights.to(probs.dtype))
+                    captured[name] = dispatch.reshape(b, t, -1)
+                    captured[name + "_probs"] = probs.reshape(b, t, -1)
+                elif name.endswith(".moe"):  # experts work on the flattened (B*T, H) stream
+                    captured[name] = _first(output).detach().reshape(b, t, -1)
+                else:
+                    captured[name] = _first(output).detach()
 
             return record
 

@@ -17,7 +17,9 @@ class ReferenceAdapter:
         self.model = build(ModelSpec.from_hf_config(hf_config), state_dict, dtype)
 
     @torch.no_grad()
-    def run(self, batch: Batch) -> dict[str, torch.Tensor]:
+    def run(self, batch: Batch, forced_routing: dict[int, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+        """All probes; `forced_routing` (layer -> (B, T, K) expert ids) makes MoE layers use those experts."""
         capture: dict[str, torch.Tensor] = {}
-        self.model(batch.input_ids, batch.attention_mask, batch.position_ids, capture=capture)
+        self.model(batch.input_ids, batch.attention_mask, batch.position_ids, capture=capture,
+                   forced_routing=forced_routing)
         return capture
