@@ -23,8 +23,13 @@ def _single_thread():
 
 
 # One tiny model per generation, plus a Gemma 3 with a 16-token window and linear RoPE on globals.
-MODELS = ["gemma-2b-tiny", "gemma-2-2b-tiny", "gemma-3-1b-tiny", "gemma-3-4b-tiny"]
+MODELS = ["gemma-2b-tiny", "gemma-2-2b-tiny", "gemma-3-1b-tiny", "gemma-3-4b-tiny",
+          "gemma-4-e2b-tiny", "gemma-4-26b-a4b-tiny", "gemma-4-31b-tiny"]
 ATOL = 1e-4  # fp32, logits of std ~13
+# Gemma 4 twins (attention scale 1.0 on q/k-normed heads, 10-12 layers) amplify fp32 reassociation more:
+# cached vs full logits measured up to 2.7e-4 (std 11.4, i.e. 2.4e-5 relative) on these twins; a cache
+# bug (wrong donor, untrimmed window) moves logits by O(1).
+ATOL_GEMMA4 = 1e-3
 
 
 def spec_of(name: str, **overrides) -> ModelSpec:
@@ -61,9 +66,13 @@ def _run_chunks(model: Gemma, ids: torch.Tensor, sizes: list[int], mask: torch.T
     return torch.cat(out, dim=1), cache
 
 
-def _assert_close(got: torch.Tensor, want: torch.Tensor) -> None:
+def _atol(name: str) -> float:
+    return ATOL_GEMMA4 if name.startswith("gemma-4-") else ATOL
+
+
+def _assert_close(got: torch.Tensor, want: torch.Tensor, name: str = "") -> None:
     assert want.std().item() > 5  # logits are large enough for the tolerance to mean something
-    torch.testing.assert_close(got, want, rtol=0, atol=ATOL)
+    torch.testing.assert_close(got, want, rtol=0, atol=_atol(name))
 
 
 @pytest.mark.parametrize("name", MODELS)
@@ -76,7 +85,7 @@ def test_token_by_token_decode_matches_full_forward(name):
     prefill = 4
     got, cache = _run_chunks(model, ids, [prefill] + [1] * (n - prefill))
     assert got.shape == full.shape
-    _assert_close(got, full)
+    _assert_close(got, full, name)
     assert cache.seen == n
     assert cache.next_position.tolist() == [n]
 
@@ -89,7 +98,7 @@ def test_decode_from_empty_cache(name):
     with torch.no_grad():
         full = model(ids)
     got, _ = _run_chunks(model, ids, [1] * n)
-    _assert_close(got, full)
+    _assert_close(got, full, name)
 
 
 @pytest.mark.parametrize("name", MODELS)
@@ -104,7 +113,7 @@ def test_chunked_prefill_matches_full_forward(name, chunk):
     with torch.no_grad():
         full = model(ids)
     got, _ = _run_chunks(model, ids, sizes)
-    _assert_close(got, full)
+    _assert_close(got, full, name)
 
 
 @pytest.mark.parametrize("name", MODELS)
@@ -119,13 +128,17 @@ def test_sliding_layers_store_window_minus_one(name):
             model(ids[:, seen - 1 : seen], cache=cache)
             stored = cache.stored_tokens()
             for layer, count in zip(spec.layers, stored, strict=True):
-                if layer.attention == SLIDING:
+                if not layer.has_kv:  # Gemma 4 KV-shared layer: reads its donor's, stores nothing
+                    assert count == 0, layer.index
+                elif layer.attention == SLIDING:
                     assert count == min(seen, layer.window - 1), (seen, layer.index)
                 else:
                     assert layer.attention == GLOBAL
                     assert count == seen
     # The kept entries are the most recent slots.
     for layer, layer_cache in zip(spec.layers, cache.layers, strict=True):
+        if not layer.has_kv:
+            continue
         keep = n if layer.window is None else layer.window - 1
         assert layer_cache.slots.tolist() == list(range(n - keep, n))
         assert layer_cache.keys.shape[2] == keep == layer_cache.values.shape[2]
@@ -159,7 +172,7 @@ def test_left_padded_batch_incremental_matches_full(name, sizes):
     got, cache = _run_chunks(model, batch.input_ids, split, mask=batch.attention_mask)
     real = batch.valid
     assert full[real].std().item() > 5
-    torch.testing.assert_close(got[real], full[real], rtol=0, atol=ATOL)
+    torch.testing.assert_close(got[real], full[real], rtol=0, atol=_atol(name))
     assert cache.next_position.tolist() == [n, n - pad]
 
 
