@@ -16,7 +16,7 @@ from . import probes as probe_names
 from .adapters import Adapter, AdapterError, ReferenceAdapter, resolve
 from .compare import ProbeResult, compare_probe
 from .synthetic import Batch, make_batch, random_state_dict
-from .tolerance import DTYPES, tolerance_for
+from .tolerance import DTYPES, Tolerance, tolerance_for
 
 
 @dataclass
@@ -117,12 +117,13 @@ def conform(model: str, candidate: str | Adapter = "hf", dtype: str = "float32",
 
 
 def compare_implementations(label: str, hf_config: dict, state: dict, batch: Batch, candidate: str | Adapter = "hf",
-                            dtype: str = "float32", reference: Adapter | None = None, seed: int = 0) -> ConformanceResult:
+                            dtype: str = "float32", reference: Adapter | None = None, seed: int = 0,
+                            tol: Tolerance | None = None) -> ConformanceResult:
     """Load `state` into the reference and the candidate, run `batch` through both, compare every probe."""
     start = time.perf_counter()
-    tol = tolerance_for(dtype)
     torch_dtype = DTYPES[dtype]
     spec = ModelSpec.from_hf_config(hf_config)
+    tol = tol or tolerance_for(dtype, spec.family)
     reference = reference or ReferenceAdapter()
     name = candidate if isinstance(candidate, str) else getattr(candidate, "name", type(candidate).__name__)
     result = ConformanceResult(label, dtype, reference.name, name, inputs=batch.describe(), seed=seed,

@@ -10,7 +10,7 @@ nearly uniform, and a norm weight left at 0 makes (1 + w) look like w's absence.
 
 Gemma 4 norms scale by ``w`` itself, so its norm gains are drawn around 1 (N(1, 0.25)); its q/k
 norm gains N(1, 0.15)·D^-¼ (attention scale is 1.0: unit gains make attention near-argmax and the
-tiny model chaotic); ``layer_scalar`` U(0.5, 1), ``per_expert_scale`` U(0.5, 1.5), router ``scale``
+tiny model chaotic); ``layer_scalar`` U(0.5, 0.9), ``per_expert_scale`` U(0.5, 1.5), router ``scale``
 N(1, 0.25) — none left at its initial 1, where a port that drops it would pass.
 """
 
@@ -57,7 +57,7 @@ def random_state_dict(spec: ModelSpec, seed: int = 0) -> dict[str, torch.Tensor]
 def _gemma4_gain(name: str, w: torch.Tensor, shape, gen) -> torch.Tensor:
     """Gains of a norm that multiplies by w (Gemma 4), and the other per-channel scales."""
     if name.endswith("layer_scalar"):
-        return 0.5 + 0.5 * torch.rand(shape, generator=gen)
+        return 0.5 + 0.4 * torch.rand(shape, generator=gen)  # U(0.5, 0.9): never near 1
     if name.endswith("per_expert_scale"):
         return 0.5 + torch.rand(shape, generator=gen)
     if name.endswith(("q_norm.weight", "k_norm.weight")):

@@ -21,6 +21,11 @@ float32: limit 1e-4, 13x the worst correct spread (7.6e-6). The smallest classic
 instead of tanh GELU, shows 7.7e-4 to 8.3e-4 at ``layers.0.mlp`` on every tiny model: 8x above
 the limit, so it is caught and localised.
 
+The router margin (MoE): a token may choose other experts than the reference only when the
+reference's k-th and (k+1)-th expert probabilities are within 0.02 (bf16; 1e-6 in fp32). HF's eager
+experts vs its default grouped_mm in bf16 flip 1-3 tokens per layer on the MoE twin, all with
+margins <= 0.0019; a flip on a clear choice is a bug.
+
 ``rel_rms`` spread (same runs): float32 at most 9.7e-7 (attn) → limit 1e-5; bfloat16 at most
 0.032 on attn and 0.013 elsewhere (bf16 vs float64; eager vs sdpa: 0.015 / 0.0099).
 
@@ -68,6 +73,21 @@ class Tolerance:
 
 
 
+# Gemma 4 twins amplify rounding more (10-12 layers, attention scale 1.0 on q/k-normed heads, the
+# whole stream scaled by layer_scalar each layer, PLE and KV-shared layers). `gemma-harness calibrate`
+# on the four Gemma 4 twins (seed 0, same run conditions as above), judged as the gate judges:
+#   float32 : worst max_rel 4.2e-5 (mlp/out, e4b), rel_rms 2.8e-6, logits kl_max 4.5e-10
+#   bfloat16: worst max_rel 0.73 (ple, e2b; mlp 0.63, out 0.69, logits 0.56, attn 0.41, moe 0.36),
+#             rel_rms 0.059, logits kl_max 0.20; embed as before (0 vs sdpa, 0.021 vs float64).
+# So float32 gets 3e-4 / 3e-5 (7x / 10x the worst; exact GELU still shows ~8e-4 at layers.0.mlp)
+# and bfloat16 1.5 / 0.12 / kl 0.5 (about 2x the worst): in bf16 the Gemma 4 twins only expose
+# gross bugs — gate the rest in float32.
+POLICY_GEMMA4: dict[str, Tolerance] = {
+    "float32": Tolerance("float32", {"max_rel": 3e-4, "rel_rms": 3e-5, "kl_max": 1e-6}, router_margin=1e-6),
+    "bfloat16": Tolerance("bfloat16", {"max_rel": 1.5, "rel_rms": 0.12, "kl_max": 0.5},
+                          per_kind={"embed": {"max_rel": 2e-3, "rel_rms": 5e-4}}, router_margin=0.02),
+}
+
 POLICY: dict[str, Tolerance] = {
     "float32": Tolerance("float32", {"max_rel": 1e-4, "rel_rms": 1e-5, "kl_max": 1e-6}, router_margin=1e-6),
     "bfloat16": Tolerance("bfloat16", {"max_rel": 0.2, "rel_rms": 0.03, "kl_max": 1e-2},
@@ -79,7 +99,8 @@ POLICY: dict[str, Tolerance] = {
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
-def tolerance_for(dtype: str) -> Tolerance:
+def tolerance_for(dtype: str, family: str | None = None) -> Tolerance:
+    """The limits for a dtype; Gemma 4 (``family`` gemma4_text) has its own, measured on its twins."""
     if dtype not in POLICY:
         raise ValueError(f"dtype {dtype!r} has no tolerance policy; choose one of {sorted(POLICY)}")
-    return POLICY[dtype]
+    return (POLICY_GEMMA4 if family == "gemma4_text" else POLICY)[dtype]

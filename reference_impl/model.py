@@ -106,7 +106,8 @@ class Router(nn.Module):
 
     def forward(self, x: torch.Tensor, forced: torch.Tensor | None = None):
         """x (N, H) -> probs (N, E) fp32, weights (N, K) fp32, experts (N, K); `forced` overrides the choice."""
-        probs = torch.softmax(self.proj(self.norm(x) * self.scale * self.root), dim=-1, dtype=torch.float32)
+        logits = self.proj(self.norm(x) * self.scale * self.root)
+        probs = torch.softmax(logits, dim=-1, dtype=torch.promote_types(logits.dtype, torch.float32))
         weights, experts = torch.topk(probs, k=self.top_k, dim=-1)
         if forced is not None:
             experts = forced
@@ -130,7 +131,7 @@ class Experts(nn.Module):
         n, k = experts.shape
         flat = experts.reshape(-1)  # (N*K,) token-major
         order = torch.argsort(flat, stable=True)
-        out = torch.empty(n * k, x.shape[-1], dtype=torch.float32)
+        out = torch.empty(n * k, x.shape[-1], dtype=torch.promote_types(x.dtype, torch.float32))
         for e in flat[order].unique().tolist():
             rows = order[flat[order] == e]  # (token, k) pairs routed to expert e
             gate, up = torch.mm(x[rows // k], self.gate_up[e].T).chunk(2, dim=-1)

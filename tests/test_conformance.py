@@ -20,9 +20,14 @@ def test_reference_matches_hf_float32(model):
     assert result.error is None
     assert result.passed, result.verdict()
     logits = next(p for p in result.probes if p.name == "logits")
-    # The reference follows HF's eager recipe op for op; in fp32 it agrees to the bit.
-    assert logits.metrics["max_abs"] == 0.0
     assert logits.metrics["top1"] == 1.0
+    if ModelSpec.from_hf_config(configs.hf_config(model)).layers[0].moe is None:
+        # The reference follows HF's eager recipe op for op; in fp32 it agrees to the bit.
+        assert logits.metrics["max_abs"] == 0.0
+    else:
+        # MoE: HF's default experts kernel (torch grouped_mm) rounds differently from per-expert mm in
+        # fp32 (bf16 is bit-exact); measured 3.6e-5 on logits of std ~11 on the 26B-A4B twin.
+        assert logits.metrics["max_abs"] < 1e-3
 
 
 @pytest.mark.parametrize("model", TINY)
@@ -54,6 +59,8 @@ def test_every_checkpoint_tensor_is_random_and_norms_are_not_identity(model):
         assert tensor.unique().numel() > 0.9 * tensor.numel(), name
         if tensor.dim() == 1:  # norm offsets: (1 + w) must differ visibly from 1 and from w
             assert tensor.abs().mean() > 0.1, name
+            if spec.norm_offset == 0:  # Gemma 4 gains and scales (layer_scalar, per-expert scale): not 1
+                assert (tensor - 1).abs().mean() > 0.05, name
 
 
 def _softcap_inputs(model: str):
@@ -63,7 +70,7 @@ def _softcap_inputs(model: str):
     return spec, ref, batch
 
 
-@pytest.mark.parametrize("model", [m for m in TINY if m.startswith("gemma-2-")])
+@pytest.mark.parametrize("model", [m for m in TINY if m.startswith(("gemma-2-", "gemma-4-"))])
 def test_softcaps_saturate(model):
     """Pre-cap logits reach well past the caps, so a missing or wrong cap shows."""
     spec, ref, batch = _softcap_inputs(model)
@@ -74,6 +81,8 @@ def test_softcaps_saturate(model):
     logits = capture["logits"][batch.valid]
     beyond_cap = (logits.abs() > spec.final_softcap * torch.tanh(torch.tensor(1.0))).float().mean()
     assert beyond_cap > 0.02
+    if spec.layers[0].attn_softcap is None:  # Gemma 4: final cap only
+        return
     # Attention cap 50: recompute raw scores of layer 0 from its q/k projections.
     scores = _raw_scores(ref, batch, layer=0)
     assert scores.abs().max() > 0.5 * spec.layers[0].attn_softcap
