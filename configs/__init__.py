@@ -1,8 +1,9 @@
 """Model configurations shipped with the harness: one JSON file per Gemma variant.
 
-Each ``<name>.json`` holds the HF ``config.json`` dict of a released Gemma 1/2/3 text model (or of a
-tiny random-weight twin, ``<name>-tiny``, that keeps its parent's structural features), plus the
-published parameter counts of the released models.  Stdlib only.
+Each ``<name>.json`` holds the HF ``config.json`` dict of a released Gemma 1/2/3 text model or the
+``text_config`` dict of a released Gemma 4 model (or of a tiny random-weight twin, ``<name>-tiny``,
+that keeps its parent's structural features), plus the published parameter counts of the released
+models.  Stdlib only.
 
     >>> import configs
     >>> configs.names(tiny=False)[:2]
@@ -24,7 +25,7 @@ __all__ = ["ConfigError", "CONFIG_DIR", "names", "load", "hf_config"]
 
 CONFIG_DIR = Path(__file__).resolve().parent
 
-_MODEL_TYPES = {1: "gemma", 2: "gemma2", 3: "gemma3_text"}
+_MODEL_TYPES = {1: "gemma", 2: "gemma2", 3: "gemma3_text", 4: "gemma4_text"}
 
 _TOP_KEYS = ("name", "generation", "tiny_of", "description", "published_params", "hf_config")
 _PUBLISHED_KEYS = ("total", "embedding", "non_embedding", "tolerance", "source", "scope")
@@ -55,10 +56,30 @@ _HF_LOCAL_GLOBAL = (
     "sliding_window",
     "layer_types",
 )
+# Gemma 4 has no query_pre_attn_scalar / attention softcap; HF silently defaults global_head_dim to 512 and
+# the PLE / MoE fields to values no released model uses, so every structural field is required.
+_HF_GEMMA4 = (
+    "hidden_activation",
+    "final_logit_softcapping",
+    "sliding_window",
+    "layer_types",
+    "num_global_key_value_heads",
+    "global_head_dim",
+    "attention_k_eq_v",
+    "hidden_size_per_layer_input",
+    "vocab_size_per_layer_input",
+    "num_kv_shared_layers",
+    "use_double_wide_mlp",
+    "enable_moe_block",
+    "num_experts",
+    "top_k_experts",
+    "moe_intermediate_size",
+)
 _HF_KEYS = {
     "gemma": _HF_COMMON + ("hidden_act",),
     "gemma2": _HF_COMMON + _HF_LOCAL_GLOBAL,
     "gemma3_text": _HF_COMMON + _HF_LOCAL_GLOBAL,
+    "gemma4_text": _HF_COMMON + _HF_GEMMA4,
 }
 
 

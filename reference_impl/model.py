@@ -160,8 +160,8 @@ class Block(nn.Module):
             self.ple_gate, self.ple_proj = _linear(spec.hidden_size, spec.ple.dim), _linear(spec.ple.dim, spec.hidden_size)
             self.ple_post_norm = norm()
             self.activation = spec.activation
-        if spec.layer_scalar:
-            self.layer_scalar = nn.Parameter(torch.ones(1))
+        if spec.layer_scalar:  # a checkpoint buffer in HF (not a parameter): loaded, not counted
+            self.register_buffer("layer_scalar", torch.ones(1))
 
     def forward(self, x, cos, sin, slots, valid, cache, shared, capture, ple_input=None, forced=None):
         p = f"layers.{self.layer.index}"

@@ -107,8 +107,9 @@ def expected_shapes(spec: ModelSpec) -> dict[str, tuple[int, ...]]:
 
 
 def count_parameters(spec: ModelSpec) -> dict[str, int]:
-    """Parameters a checkpoint carries: a tied embedding counted once, as the papers count."""
-    shapes = expected_shapes(spec)
+    """Parameters a checkpoint carries: a tied embedding counted once, as the papers count. Gemma 4's
+    ``layer_scalar`` is a buffer in HF (one value per layer), not a parameter, and is not counted."""
+    shapes = {k: v for k, v in expected_shapes(spec).items() if not k.endswith("layer_scalar")}
     numel = {name: _prod(shape) for name, shape in shapes.items()}
     embedding = numel["model.embed_tokens.weight"] + numel.get("lm_head.weight", 0)
     total = sum(numel.values())
@@ -146,7 +147,7 @@ def _more(names: list[str]) -> str:
 def load_state_dict(model: Gemma, state_dict: Mapping[str, torch.Tensor]) -> Gemma:
     """Strictly load an HF-named state dict into the reference model (cast to the model's dtype)."""
     check_state_dict(model.spec, state_dict)
-    params = dict(model.named_parameters())
+    params = dict(model.named_parameters()) | dict(model.named_buffers())
     with torch.no_grad():
         for hf_name, ref_name in name_map(model.spec).items():
             params[ref_name].copy_(state_dict[hf_name].to(params[ref_name].dtype))

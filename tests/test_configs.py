@@ -140,10 +140,15 @@ def assert_matches_published(name: str, counts: dict[str, int], who: str) -> Non
 # loader
 
 
+def _gen123(names: list[str]) -> list[str]:
+    # Gemma 4 (generation 4) configs are checked in tests/test_configs_gemma4.py.
+    return [n for n in names if configs.load(n)["generation"] <= 3]
+
+
 def test_names_lists_all_twenty():
-    assert configs.names() == [n for r in RELEASED for n in (r, f"{r}-tiny")]
-    assert configs.names(tiny=False) == RELEASED
-    assert configs.names(tiny=True) == TINY
+    assert _gen123(configs.names()) == [n for r in RELEASED for n in (r, f"{r}-tiny")]
+    assert _gen123(configs.names(tiny=False)) == RELEASED
+    assert _gen123(configs.names(tiny=True)) == TINY
 
 
 def test_load_unknown_name_raises_keyerror_naming_it():

@@ -86,8 +86,9 @@ def test_gemma4_names_and_shapes_equal_hf_checkpoint(name):
     hf_shapes = {k: tuple(v.shape) for k, v in hf.state_dict().items() if k != "lm_head.weight"}
     spec = spec_of(name)
     assert expected_shapes(spec) == hf_shapes
-    params = dict(Gemma(spec, device="meta").named_parameters())
-    assert sorted(name_map(spec).values()) == sorted(params)
+    model = Gemma(spec, device="meta")
+    tensors = dict(model.named_parameters()) | dict(model.named_buffers())  # layer_scalar is a buffer, as in HF
+    assert sorted(name_map(spec).values()) == sorted(tensors)
 
 
 def test_name_map_untied_has_lm_head():
