@@ -48,7 +48,7 @@ def _unbounded(dtype: str) -> Tolerance:
     """No limits, but the policy's near-tie rule for MoE routing, so flips are judged as the gate does."""
     inf = float("inf")
     return Tolerance("calibration", {"max_rel": inf, "rel_rms": inf, "kl_max": inf},
-                     router_margin=tolerance_for(dtype).router_margin)
+                     router_margin=tolerance_for(dtype).router_margin, router_probs=inf)
 
 
 def _candidates(family: str):

@@ -89,12 +89,29 @@ def _top_margin(probs: torch.Tensor, k: int) -> torch.Tensor:
     return top[..., k - 1] - top[..., k] if top.shape[-1] > k else torch.full(top.shape[:-1], float("inf"))
 
 
+def _worst_margin(probs: torch.Tensor | None, flipped: torch.Tensor, k: int) -> float:
+    return float(_top_margin(probs, k)[flipped].max()) if probs is not None else float("inf")
+
+
+def routing_flips(ref: torch.Tensor, cand: torch.Tensor, valid: torch.Tensor, ref_probs: torch.Tensor | None) -> tuple[int, float]:
+    """Tokens whose chosen expert set differs between two dispatch tensors, and the largest reference
+    k-th/(k+1)-th probability margin among them (inf without probabilities)."""
+    r, c = ref[valid], cand[valid]
+    flipped = ((r != 0) != (c != 0)).any(-1)
+    k = int((r != 0).sum(-1).max())
+    n = int(flipped.sum())
+    return n, (_worst_margin(ref_probs[valid], flipped, k) if n else 0.0)
+
+
 def compare_router(name: str, ref: torch.Tensor, cand: torch.Tensor, valid: torch.Tensor, tol: Tolerance,
-                   ref_probs: torch.Tensor | None = None) -> ProbeResult:
+                   ref_probs: torch.Tensor | None = None, cand_probs: torch.Tensor | None = None,
+                   isolated: bool = False) -> ProbeResult:
     """Dispatch weights (B, T, E): expert choices compared as sets per token, weights where the sets agree.
 
     A token whose set differs is a flip. A flip is tolerated only on a near-tie: where the reference's
     own k-th and (k+1)-th expert probabilities are closer than the dtype's ``router_margin``.
+    ``isolated``: the reference router was run on the candidate's own router input, so the router is
+    judged alone (upstream drift excluded) and its probabilities must agree within ``router_probs``.
     """
     limits = tol.for_probe(name)
     r, c = ref[valid].float(), cand[valid].float()  # (tokens, experts)
@@ -104,20 +121,31 @@ def compare_router(name: str, ref: torch.Tensor, cand: torch.Tensor, valid: torc
     metrics = _metrics(r[~flipped], c[~flipped]) if (~flipped).any() else {}
     metrics |= {"tokens_flipped": float(n_flip), "tokens": float(tokens)}
     notes, failed = [], tol.violations(name, metrics) if (~flipped).any() else []
+    if isolated and cand_probs is not None and ref_probs is not None:
+        p_ref, p_cand = ref_probs[valid].double(), cand_probs[valid].double()
+        metrics["probs_max_abs"] = float((p_cand - p_ref).abs().max())
+        limits = {**limits, "probs_max_abs": tol.router_probs}
+        if metrics["probs_max_abs"] > tol.router_probs:
+            failed.append(f"router probabilities on the same input differ by {metrics['probs_max_abs']:.3g} > {tol.router_probs:.3g}")
+    if isolated:
+        notes.append("router judged on the candidate's own input")
     if n_flip:
-        margins = _top_margin(ref_probs[valid], k)[flipped] if ref_probs is not None else None
-        worst = float(margins.max()) if margins is not None else float("inf")
+        worst = _worst_margin(ref_probs[valid] if ref_probs is not None else None, flipped, k)
         metrics["flip_max_margin"] = worst
-        notes.append(f"{n_flip} of {tokens} tokens chose other experts (largest reference margin {worst:.2g})")
+        where = "on the same input" if isolated else ""
+        notes.append(f"{n_flip} of {tokens} tokens chose other experts {where}(largest reference margin {worst:.2g})")
         if worst > tol.router_margin:
             failed.append(f"expert choice differs beyond a near-tie (margin {worst:.2g} > {tol.router_margin:.2g})")
-        else:
+        elif not isolated:
             notes.append("all on near-ties: later probes judged against the reference routed as the candidate")
+    if isolated:  # flips on the same input are the router's own; the count of record is set by the gate
+        metrics["same_input_flips"] = metrics.pop("tokens_flipped")
     return ProbeResult(name, "fail" if failed else "pass", metrics, limits, "; ".join(failed + notes))
 
 
 def compare_probe(name: str, ref: torch.Tensor, cand: torch.Tensor | None, valid: torch.Tensor, tol: Tolerance,
-                  unsupported_reason: str = "", ref_probs: torch.Tensor | None = None) -> ProbeResult:
+                  unsupported_reason: str = "", ref_probs: torch.Tensor | None = None,
+                  cand_probs: torch.Tensor | None = None, isolated: bool = False) -> ProbeResult:
     limits = tol.for_probe(name)
     if cand is None:
         return ProbeResult(name, "unsupported", tolerance=limits, note=unsupported_reason or "not captured by the candidate")
@@ -125,7 +153,7 @@ def compare_probe(name: str, ref: torch.Tensor, cand: torch.Tensor | None, valid
         return ProbeResult(name, "error", tolerance=limits,
                            note=f"shape {tuple(cand.shape)} differs from the reference's {tuple(ref.shape)}")
     if name.endswith(".router") and torch.isfinite(cand).all():
-        return compare_router(name, ref, cand, valid, tol, ref_probs)
+        return compare_router(name, ref, cand, valid, tol, ref_probs, cand_probs, isolated)
     r, c = ref[valid], cand[valid]  # (tokens, features)
     if not torch.isfinite(r).all():
         return ProbeResult(name, "error", tolerance=limits, note="the reference itself is not finite here")

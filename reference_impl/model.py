@@ -5,8 +5,8 @@ Probe points (written to ``capture`` when a dict is passed):
 MLP output before its post-norm), ``layers.{i}.out`` (residual stream after layer i),
 ``final_norm``, ``logits``; on Gemma 4 also ``layers.{i}.moe`` (expert branch output before its
 post-norm), ``layers.{i}.router`` (dispatch weights, (B, T, experts): the final weight of each chosen
-expert, 0 elsewhere), ``layers.{i}.router_probs`` (the router's softmax over all experts) and
-``layers.{i}.ple`` (per-layer-input branch before its post-norm).
+expert, 0 elsewhere), ``layers.{i}.router_probs`` (the router's softmax over all experts), ``layers.{i}.router_input``
+(what the router read) and ``layers.{i}.ple`` (per-layer-input branch before its post-norm).
 """
 
 from __future__ import annotations
@@ -192,6 +192,7 @@ class Block(nn.Module):
             dispatch = torch.zeros_like(probs).scatter(-1, experts, weights)
             capture[f"{p}.router"] = dispatch.reshape(b, t, -1)
             capture[f"{p}.router_probs"] = probs.reshape(b, t, -1)
+            capture[f"{p}.router_input"] = x
             capture[f"{p}.moe"] = y
         return y
 

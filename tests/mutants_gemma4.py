@@ -419,7 +419,7 @@ class G4RouterAfterPreFfnNorm(_Ported, Gemma4ForCausalLM):
     EXPECTED = "layers.0.router"
     BUG = "router reads pre_feedforward_layernorm(x) instead of the raw post-attention residual"
     SOURCE = "numerics §1.8, §5.3 #37; catalogue #79 (shared-prenorm fusion)"
-    BF16 = False  # bf16: flips pass as near-ties; blamed on layers.0.moe (tested separately)
+    BF16 = True  # the router's input is judged against the reference's post-attention residual
     LAYER = LayerPort(router_input="pre_ffn_norm")
 
 

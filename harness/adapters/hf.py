@@ -107,6 +107,7 @@ class HFCausalLMAdapter:
                     dispatch = torch.zeros_like(probs).scatter(-1, experts, weights.to(probs.dtype))
                     captured[name] = dispatch.reshape(b, t, -1)
                     captured[name + "_probs"] = probs.reshape(b, t, -1)
+                    captured[name + "_input"] = _inputs[0].detach().reshape(b, t, -1)
                 elif name.endswith(".moe"):  # experts work on the flattened (B*T, H) stream
                     captured[name] = _first(output).detach().reshape(b, t, -1)
                 else:

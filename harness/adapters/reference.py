@@ -23,3 +23,12 @@ class ReferenceAdapter:
         self.model(batch.input_ids, batch.attention_mask, batch.position_ids, capture=capture,
                    forced_routing=forced_routing)
         return capture
+
+    @torch.no_grad()
+    def route(self, layer: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The reference router of `layer` applied to x (B, T, H): dispatch weights and probabilities, (B, T, E)."""
+        b, t, h = x.shape
+        router = self.model.layers[layer].router
+        probs, weights, experts = router(x.reshape(-1, h).to(self.model.dtype))
+        dispatch = torch.zeros_like(probs).scatter(-1, experts, weights)
+        return dispatch.reshape(b, t, -1), probs.reshape(b, t, -1)
