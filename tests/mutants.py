@@ -29,28 +29,21 @@ to catch.
 from __future__ import annotations
 
 import copy
-import types
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 from transformers import Gemma2ForCausalLM, Gemma3ForCausalLM, GemmaForCausalLM
 
+from tests.mutant_tools import bind as _bind
+from tests.mutant_tools import private_config as _private_config
+from tests.mutant_tools import rotate_half as _rotate_half
+from tests.mutant_tools import unscaled_embedding as _unscaled_embedding
+
 # --------------------------------------------------------------------------------------------------
 # Building blocks a porter writes
 
 
-def _private_config(config, **changes):
-    """A copy of the config with `changes` applied, so the mutation stays on this instance."""
-    config = copy.deepcopy(config)
-    for key, value in changes.items():
-        setattr(config, key, value)
-    return config
-
-
-def _bind(module: nn.Module, fn) -> None:
-    """Replace `module.forward` on this instance only (hooks still fire: they wrap __call__)."""
-    module.forward = types.MethodType(fn, module)
 
 
 def _rmsnorm_without_offset(self, x):
@@ -59,10 +52,6 @@ def _rmsnorm_without_offset(self, x):
     y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
     return (y * self.weight.float()).type_as(x)
 
-
-def _unscaled_embedding(self, input_ids):
-    """A plain ``nn.Embedding`` lookup: the sqrt(hidden_size) normalizer is forgotten."""
-    return nn.functional.embedding(input_ids, self.weight, self.padding_idx)
 
 
 def _unrounded_normalizer_embedding(self, input_ids):
@@ -76,10 +65,6 @@ def _loaded_but_not_applied(self, x):
     """The norm's weight is loaded (so the state dict fits) but the forward never applies it."""
     return x
 
-
-def _rotate_half(x):
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
 def _rope_half_split(x, cos, sin):

@@ -35,21 +35,15 @@ import torch
 from torch import nn
 from transformers import Gemma4ForCausalLM
 
+from tests.mutant_tools import bind as _bind
+from tests.mutant_tools import private_config as _private_config
+from tests.mutant_tools import rotate_half as _rotate_half
+from tests.mutant_tools import unscaled_embedding as _unscaled_embedding
+
 # --------------------------------------------------------------------------------------------------
 # Building blocks a porter writes
 
 
-def _private_config(config, **changes):
-    """A copy of the config with `changes` applied, so the mutation stays on this instance."""
-    config = copy.deepcopy(config)
-    for key, value in changes.items():
-        setattr(config, key, value)
-    return config
-
-
-def _bind(module: nn.Module, fn) -> None:
-    """Replace `module.forward` on this instance only (hooks still fire: they wrap __call__)."""
-    module.forward = types.MethodType(fn, module)
 
 
 def _rmsnorm_one_plus_w(self, x):
@@ -58,10 +52,6 @@ def _rmsnorm_one_plus_w(self, x):
     y = xf * torch.pow(xf.pow(2).mean(-1, keepdim=True) + self.eps, -0.5)
     return (y * (1.0 + self.weight.float())).type_as(x)
 
-
-def _unscaled_embedding(self, input_ids):
-    """A plain ``nn.Embedding`` lookup: the table's scale (here sqrt(P) of the PLE table) is forgotten."""
-    return nn.functional.embedding(input_ids, self.weight, self.padding_idx)
 
 
 def _ported_ple_projection(hidden_scale: bool = True, pair_scale: bool = True):
@@ -81,10 +71,6 @@ def _ported_ple_projection(hidden_scale: bool = True, pair_scale: bool = True):
 
     return project
 
-
-def _rotate_half(x):
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
 def _rope_hf(x, cos, sin):

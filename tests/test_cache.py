@@ -12,16 +12,6 @@ from reference_impl.model import Gemma
 from reference_impl.spec import GLOBAL, SLIDING, ModelSpec
 from reference_impl.weights import build
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    """Tiny tensors: intra-op threads only add spin/contention overhead (10x on a loaded 2-core box)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 # One tiny model per generation, plus a Gemma 3 with a 16-token window and linear RoPE on globals.
 MODELS = ["gemma-2b-tiny", "gemma-2-2b-tiny", "gemma-3-1b-tiny", "gemma-3-4b-tiny",
           "gemma-4-e2b-tiny", "gemma-4-26b-a4b-tiny", "gemma-4-31b-tiny"]

@@ -35,12 +35,6 @@ TWINS = ["gemma-4-e2b-tiny", "gemma-4-e4b-tiny", "gemma-4-26b-a4b-tiny", "gemma-
 MOE = "gemma-4-26b-a4b-tiny"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def _explain(result) -> str:

@@ -21,16 +21,6 @@ from reference_impl.weights import (
     read_safetensors,
 )
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    """Tiny tensors: intra-op threads only add spin/contention overhead (10x on a loaded 2-core box)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 ONE_PER_GENERATION = ["gemma-2b-tiny", "gemma-2-2b-tiny", "gemma-3-1b-tiny"]
 
 
