@@ -13,6 +13,16 @@ canonical name (``embed``, ``layers.{i}.attn``, ``layers.{i}.mlp``, ``layers.{i}
 ``final_norm``, ``logits``), each shaped (batch, tokens, ...). A probe it cannot capture is left
 out (and may be explained in an optional ``unsupported: dict[str, str]`` attribute): the gate
 reports it as unsupported and judges the rest. ``logits`` is required.
+
+Optional, for the cache and decoding properties (``suites/``)::
+
+    def decode(self, batch: Batch, chunks: list[int]) -> dict[str, Tensor]
+
+feeds the batch through the implementation's own KV cache ``chunks`` tokens at a time (e.g. a
+prefill of 5 then single steps) and returns the same probes as ``run``, concatenated over the
+chunks. An HF-compatible class is decoded through its own ``past_key_values`` / ``use_cache`` API,
+never by re-running the whole sequence: the point is to test the port's cache. An adapter without
+``decode`` has the decode properties reported as unsupported.
 """
 
 from .base import Adapter, AdapterError, resolve

@@ -96,9 +96,26 @@ class HFCausalLMAdapter:
 
     @torch.no_grad()
     def run(self, batch: Batch) -> dict[str, torch.Tensor]:
-        captured: dict[str, torch.Tensor] = {}
+        captured, _ = self._forward(batch.input_ids, batch.attention_mask, batch.position_ids)
+        return captured
 
-        b, t = batch.input_ids.shape
+    @torch.no_grad()
+    def decode(self, batch: Batch, chunks: list[int]) -> dict[str, torch.Tensor]:
+        """Feed the batch through the model's own cache, ``chunks`` tokens at a time (a prefill, then
+        steps), the way ``generate`` drives it: ``past_key_values`` + ``use_cache=True``, the attention
+        mask covering everything so far. Returns every probe, concatenated over the chunks."""
+        parts, past, start = [], None, 0
+        for size in chunks:
+            end = start + size
+            captured, past = self._forward(batch.input_ids[:, start:end], batch.attention_mask[:, :end],
+                                           batch.position_ids[:, start:end], past=past, use_cache=True)
+            parts.append(captured)
+            start = end
+        return {name: torch.cat([p[name] for p in parts], dim=1) for name in parts[0]}
+
+    def _forward(self, ids, mask, positions, past=None, use_cache=False):
+        captured: dict[str, torch.Tensor] = {}
+        b, t = ids.shape
 
         def hook(name):
             def record(_module, _inputs, output):
@@ -117,18 +134,14 @@ class HFCausalLMAdapter:
 
         handles = [module.register_forward_hook(hook(name)) for name, module in self._hook_targets().items()]
         try:
-            out = self.model(
-                input_ids=batch.input_ids,
-                attention_mask=batch.attention_mask,
-                position_ids=batch.position_ids,
-                use_cache=False,
-            )
+            kwargs = {"past_key_values": past} if past is not None else {}
+            out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=use_cache, **kwargs)
         finally:
             for handle in handles:
                 handle.remove()
         logits = getattr(out, "logits", None)
         captured["logits"] = logits if logits is not None else _first(out)
-        return captured
+        return captured, getattr(out, "past_key_values", None)
 
 
 class _HFAuto(HFCausalLMAdapter):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from reference_impl.cache import KVCache
 from reference_impl.spec import ModelSpec
 from reference_impl.weights import build
 
@@ -23,6 +24,19 @@ class ReferenceAdapter:
         self.model(batch.input_ids, batch.attention_mask, batch.position_ids, capture=capture,
                    forced_routing=forced_routing)
         return capture
+
+    @torch.no_grad()
+    def decode(self, batch: Batch, chunks: list[int]) -> dict[str, torch.Tensor]:
+        """Feed the batch through the reference KV cache, ``chunks`` tokens at a time; every probe,
+        concatenated over the chunks."""
+        cache, parts, start = KVCache.for_model(self.model.spec), [], 0
+        for size in chunks:
+            end, capture = start + size, {}
+            self.model(batch.input_ids[:, start:end], batch.attention_mask[:, :end], batch.position_ids[:, start:end],
+                       cache=cache, capture=capture)
+            parts.append(capture)
+            start = end
+        return {name: torch.cat([p[name] for p in parts], dim=1) for name in parts[0]}
 
     @torch.no_grad()
     def route(self, layer: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
