@@ -1,0 +1,56 @@
+"""pytest plugin (registered through the package's ``pytest11`` entry point).
+
+* ``--candidate MODULE:OBJECT`` — a port to hold to the property suites (the same forms as
+  ``gemma-harness conform --candidate``). Without it the suites run the reference and HF Transformers.
+* hypothesis profiles ``ci`` (bounded, derandomised: the same examples on every run) and ``nightly``
+  (many more examples; ``--nightly-minutes N`` spreads them over about N minutes), chosen with
+  hypothesis' own ``--hypothesis-profile``. The default is ``ci``.
+
+A failure prints hypothesis' shrunk minimal config and input, and a one-line replay command.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+from hypothesis import HealthCheck, settings
+
+_COMMON = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
+                                                      HealthCheck.function_scoped_fixture],
+               print_blob=True)
+settings.register_profile("ci", max_examples=6, derandomize=True, **_COMMON)
+settings.register_profile("nightly", max_examples=int(os.environ.get("GEMMA_NIGHTLY_EXAMPLES", "400")), **_COMMON)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+
+def pytest_addoption(parser):
+    group = parser.getgroup("gemma-harness")
+    group.addoption("--candidate", action="store", default=None, metavar="MODULE:OBJECT",
+                    help="a Gemma port to test: an adapter, or a torch module class with the HF *ForCausalLM interface")
+    group.addoption("--nightly-minutes", action="store", type=float, default=None,
+                    help="with --hypothesis-profile=nightly: stop each property after about this many minutes")
+
+
+def pytest_configure(config):
+    minutes = config.getoption("--nightly-minutes", default=None)
+    if minutes:
+        os.environ["GEMMA_PROPERTY_SECONDS"] = str(minutes * 60)
+
+
+@pytest.fixture(scope="session")
+def candidate_target(request):
+    """The --candidate string, or None (then the suites run the reference and HF)."""
+    return request.config.getoption("--candidate")
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """On a failed property, add the one command that replays it: hypothesis keeps the shrunk failing
+    example in its database (.hypothesis/) and tries it first on the next run."""
+    outcome = yield
+    report = outcome.get_result()
+    if report.when == "call" and report.failed and item.nodeid.startswith("suites/"):
+        candidate = item.config.getoption("--candidate")
+        cmd = f"python -m pytest '{item.nodeid}'" + (f" --candidate {candidate}" if candidate else "")
+        report.sections.append(("replay", cmd))

@@ -1,0 +1,149 @@
+"""hypothesis strategies for valid tiny Gemma configs (every generation and Gemma 4 shape) and inputs.
+
+Every draw is valid by construction — query heads are drawn as KV heads × group size, a Gemma 4
+model's KV-shared tail is sized so every shared layer has an earlier donor of its type, top-k never
+exceeds the expert count — so nothing is filtered away.
+"""
+
+from __future__ import annotations
+
+import torch
+from hypothesis import strategies as st
+
+from harness.synthetic import Batch
+
+VOCAB = 256
+SLIDING, FULL = "sliding_attention", "full_attention"
+
+
+@st.composite
+def _heads(draw, max_heads: int = 8) -> tuple[int, int]:
+    """(query heads, KV heads): MQA, GQA or MHA."""
+    kv = draw(st.sampled_from([1, 2, 4]))
+    groups = draw(st.sampled_from([g for g in (1, 2, 4) if kv * g <= max_heads]))
+    return kv * groups, kv
+
+
+def _common(draw, heads: tuple[int, int], layers: int) -> dict:
+    n_heads, n_kv = heads
+    return {
+        "vocab_size": VOCAB, "hidden_size": draw(st.sampled_from([32, 48, 64])),
+        "intermediate_size": draw(st.sampled_from([64, 96, 128])), "num_hidden_layers": layers,
+        "num_attention_heads": n_heads, "num_key_value_heads": n_kv, "head_dim": draw(st.sampled_from([8, 16])),
+        "max_position_embeddings": 1024, "rms_norm_eps": 1e-6, "tie_word_embeddings": True,
+        "pad_token_id": 0, "eos_token_id": 1, "bos_token_id": 2, "attention_bias": False,
+    }
+
+
+@st.composite
+def gemma1(draw) -> dict:
+    cfg = _common(draw, draw(_heads()), draw(st.integers(1, 4)))
+    return {"model_type": "gemma", **cfg, "hidden_act": "gelu_pytorch_tanh",
+            "rope_parameters": {"rope_type": "default", "rope_theta": draw(st.sampled_from([1e4, 1e5]))}}
+
+
+def _layer_types(draw, n: int, all_sliding: bool = False) -> list[str]:
+    if all_sliding:
+        return [SLIDING] * n
+    return draw(st.lists(st.sampled_from([SLIDING, FULL]), min_size=n, max_size=n))
+
+
+@st.composite
+def gemma2(draw, all_sliding: bool = False) -> dict:
+    n = draw(st.integers(1, 5))
+    cfg = _common(draw, draw(_heads()), n)
+    return {"model_type": "gemma2", **cfg, "hidden_activation": "gelu_pytorch_tanh",
+            "rope_parameters": {"rope_type": "default", "rope_theta": 1e4},
+            "query_pre_attn_scalar": draw(st.sampled_from([cfg["head_dim"], int(cfg["head_dim"] * 1.125) + 1, 24])),
+            "attn_logit_softcapping": draw(st.sampled_from([None, 20.0, 50.0])),
+            "final_logit_softcapping": draw(st.sampled_from([None, 30.0])),
+            "sliding_window": draw(st.integers(2, 12)), "layer_types": _layer_types(draw, n, all_sliding)}
+
+
+@st.composite
+def gemma3(draw, all_sliding: bool = False) -> dict:
+    n = draw(st.integers(1, 7))
+    cfg = _common(draw, draw(_heads()), n)
+    full = {"rope_type": "default", "rope_theta": 1e6}
+    if draw(st.booleans()):
+        full = {"rope_type": "linear", "factor": draw(st.sampled_from([2.0, 8.0])), "rope_theta": 1e6}
+    return {"model_type": "gemma3_text", **cfg, "hidden_activation": "gelu_pytorch_tanh",
+            "rope_parameters": {"sliding_attention": {"rope_type": "default", "rope_theta": 1e4}, "full_attention": full},
+            "query_pre_attn_scalar": draw(st.sampled_from([cfg["head_dim"], 24])),
+            "final_logit_softcapping": draw(st.sampled_from([None, 30.0])),
+            "sliding_window": draw(st.integers(2, 12)), "layer_types": _layer_types(draw, n, all_sliding),
+            "use_bidirectional_attention": False}
+
+
+@st.composite
+def gemma4(draw, shape: str | None = None) -> dict:
+    """One of the Gemma 4 shapes: dense (31B-like, K=V), moe (26B-A4B-like), edge (E2B/E4B-like: PLE,
+    KV-shared tail, maybe double-wide MLP)."""
+    shape = shape or draw(st.sampled_from(["dense", "moe", "edge"]))
+    n = draw(st.integers(2, 7))
+    n_heads, n_kv = draw(_heads())
+    types = _layer_types(draw, n - 1) + [FULL]  # HF forces the last layer global
+    cfg = _common(draw, (n_heads, n_kv), n)
+    cfg |= {"model_type": "gemma4_text", "hidden_activation": "gelu_pytorch_tanh", "layer_types": types,
+            "global_head_dim": draw(st.sampled_from([16, 32])), "sliding_window": draw(st.integers(2, 12)),
+            "final_logit_softcapping": draw(st.sampled_from([None, 30.0])),
+            "rope_parameters": {"sliding_attention": {"rope_type": "default", "rope_theta": 1e4},
+                                "full_attention": {"rope_type": "proportional", "partial_rotary_factor": 0.25,
+                                                   "rope_theta": 1e6}},
+            "attention_k_eq_v": False, "num_global_key_value_heads": None, "enable_moe_block": False,
+            "hidden_size_per_layer_input": 0, "vocab_size_per_layer_input": VOCAB, "num_kv_shared_layers": 0,
+            "use_double_wide_mlp": False}
+    if shape in ("dense", "moe") and draw(st.booleans()):
+        cfg |= {"attention_k_eq_v": True,
+                "num_global_key_value_heads": draw(st.sampled_from([k for k in (1, 2, 4) if n_heads % k == 0]))}
+    if shape == "moe":
+        experts = draw(st.integers(2, 8))
+        cfg |= {"enable_moe_block": True, "num_experts": experts, "top_k_experts": draw(st.integers(1, min(experts, 4))),
+                "moe_intermediate_size": draw(st.sampled_from([8, 16]))}
+    if shape == "edge":
+        cfg |= {"hidden_size_per_layer_input": draw(st.sampled_from([4, 8])),
+                "num_kv_shared_layers": draw(st.integers(0, _max_shared(types))),
+                "use_double_wide_mlp": draw(st.booleans())}
+    return cfg
+
+
+def _max_shared(types: list[str]) -> int:
+    """The longest tail whose every layer has an earlier, non-shared layer of its own type."""
+    best = 0
+    for shared in range(1, len(types)):
+        head, tail = types[: len(types) - shared], types[len(types) - shared:]
+        if all(t in head for t in tail):
+            best = shared
+    return best
+
+
+_BY_FAMILY = {"gemma": gemma1, "gemma2": gemma2, "gemma3_text": gemma3, "gemma4_text": gemma4}
+FAMILIES = tuple(_BY_FAMILY)
+
+
+def any_config(families=FAMILIES) -> st.SearchStrategy[dict]:
+    """Configs of the given HF model types (all generations by default)."""
+    return st.one_of(*(_BY_FAMILY[f]() for f in families))
+
+
+def all_sliding_config(families=FAMILIES) -> st.SearchStrategy[dict]:
+    """Configs whose every layer is sliding (Gemma 2 and 3 only: Gemma 4's last layer is always global)."""
+    options = [_BY_FAMILY[f](all_sliding=True) for f in families if f in ("gemma2", "gemma3_text")]
+    return st.one_of(*options) if options else st.nothing()
+
+
+@st.composite
+def batches(draw, config: dict, max_factor: int = 3) -> Batch:
+    """Two rows: lengths 1 to ≥ 3x the window, the second row left-padded, ids over the whole vocabulary
+    (the first real token of each row is BOS)."""
+    window = config.get("sliding_window") or 8
+    length = draw(st.integers(1, max_factor * window + 2))
+    pad = draw(st.integers(0, length - 1))
+    ids = torch.tensor(draw(st.lists(st.lists(st.integers(0, VOCAB - 1), min_size=length, max_size=length),
+                                     min_size=2, max_size=2)))
+    mask = torch.ones(2, length, dtype=torch.long)
+    mask[1, :pad] = 0
+    ids[1, :pad] = 0
+    ids[0, 0], ids[1, pad] = 2, 2
+    positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
+    return Batch(ids, mask, positions)
