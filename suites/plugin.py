@@ -3,8 +3,9 @@
 * ``--candidate MODULE:OBJECT`` — a port to hold to the property suites (the same forms as
   ``gemma-harness conform --candidate``). Without it the suites run the reference and HF Transformers.
 * hypothesis profiles ``ci`` (bounded, derandomised: the same examples on every run) and ``nightly``
-  (many more examples; ``--nightly-minutes N`` spreads them over about N minutes), chosen with
-  hypothesis' own ``--hypothesis-profile``. The default is ``ci``.
+  (200 fresh random examples per property and round; ``--nightly-minutes N`` keeps running rounds of
+  each property until its share of N minutes is spent), chosen with hypothesis' own
+  ``--hypothesis-profile``. The default is ``ci``.
 
 A failure prints hypothesis' shrunk minimal config and input, and a one-line replay command.
 """
@@ -12,15 +13,16 @@ A failure prints hypothesis' shrunk minimal config and input, and a one-line rep
 from __future__ import annotations
 
 import os
+import time
 
 import pytest
 from hypothesis import HealthCheck, settings
 
 _COMMON = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
-                                                      HealthCheck.function_scoped_fixture],
+                                                      HealthCheck.function_scoped_fixture, HealthCheck.filter_too_much],
                print_blob=True)
-settings.register_profile("ci", max_examples=6, derandomize=True, **_COMMON)
-settings.register_profile("nightly", max_examples=int(os.environ.get("GEMMA_NIGHTLY_EXAMPLES", "400")), **_COMMON)
+settings.register_profile("ci", max_examples=25, derandomize=True, **_COMMON)
+settings.register_profile("nightly", max_examples=int(os.environ.get("GEMMA_NIGHTLY_EXAMPLES", "200")), **_COMMON)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 
@@ -32,10 +34,28 @@ def pytest_addoption(parser):
                     help="with --hypothesis-profile=nightly: stop each property after about this many minutes")
 
 
-def pytest_configure(config):
+@pytest.hookimpl(trylast=True)
+def pytest_collection_modifyitems(config, items):
     minutes = config.getoption("--nightly-minutes", default=None)
-    if minutes:
-        os.environ["GEMMA_PROPERTY_SECONDS"] = str(minutes * 60)
+    properties = [item for item in items if item.nodeid.startswith("suites/")]
+    for item in properties:
+        item._gemma_budget_s = minutes * 60 / len(properties) if minutes else None
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_call(item):
+    """--nightly-minutes: after the first round of a property passes, run more rounds (fresh random
+    examples each) until the property's share of the time is spent; a failing round fails the test."""
+    budget = getattr(item, "_gemma_budget_s", None)
+    start = time.monotonic()
+    outcome = yield
+    if not budget or outcome.excinfo is not None:
+        return
+    rounds = 1
+    while time.monotonic() - start < budget:
+        item.runtest()
+        rounds += 1
+    item.user_properties.append(("rounds", rounds))
 
 
 @pytest.fixture(scope="session")

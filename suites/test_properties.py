@@ -6,12 +6,9 @@ Run: ``pytest suites/`` (``--candidate my_port:MyGemmaForCausalLM``, ``--hypothe
 
 from __future__ import annotations
 
-import os
-import time
-
 import pytest
 import torch
-from hypothesis import assume, given, note, reject
+from hypothesis import assume, given, note
 from hypothesis import strategies as st
 
 from harness import probes as probe_names
@@ -22,15 +19,6 @@ from reference_impl.spec import ModelSpec
 
 from . import strategies as S
 from .checks import decode_divergence, padding_divergence
-
-_START = time.monotonic()
-
-
-def _within_budget() -> None:
-    """--nightly-minutes: once the time is spent, remaining examples are skipped cheaply."""
-    budget = os.environ.get("GEMMA_PROPERTY_SECONDS")
-    if budget and time.monotonic() - _START > float(budget):
-        reject()
 
 
 def _families_of(adapter) -> tuple[str, ...]:
@@ -87,7 +75,6 @@ def _close(a: torch.Tensor, b: torch.Tensor, what: str) -> None:
 
 @given(data=st.data())
 def test_differential_every_probe(implementations, families, data):
-    _within_budget()
     cfg = data.draw(S.any_config(families), label="config")
     spec, state = _setup(cfg)
     batch = data.draw(S.batches(cfg))
@@ -104,7 +91,6 @@ def test_differential_every_probe(implementations, families, data):
 
 @given(data=st.data())
 def test_causality(implementations, families, data):
-    _within_budget()
     cfg = data.draw(S.any_config(families), label="config")
     spec, state = _setup(cfg)
     batch = data.draw(S.batches(cfg))
@@ -126,7 +112,6 @@ def test_causality(implementations, families, data):
 
 @given(data=st.data())
 def test_window_locality(implementations, families, data):
-    _within_budget()
     if not any(f in ("gemma2", "gemma3_text") for f in families):
         pytest.skip("window locality needs an all-sliding model: Gemma 2 or 3")
     cfg = data.draw(S.all_sliding_config(families), label="config")
@@ -161,7 +146,6 @@ def _schedules(length: int, window: int):
 
 @given(data=st.data())
 def test_decode_matches_full_forward(implementations, families, data):
-    _within_budget()
     cfg = data.draw(S.any_config(families), label="config")
     spec, state = _setup(cfg)
     window = spec.max_window or 8
@@ -182,7 +166,6 @@ def test_decode_matches_full_forward(implementations, families, data):
 
 @given(data=st.data())
 def test_left_padding_matches_row_alone(implementations, families, data):
-    _within_budget()
     cfg = data.draw(S.any_config(families), label="config")
     spec, state = _setup(cfg)
     batch = data.draw(S.batches(cfg))
@@ -199,7 +182,6 @@ def test_left_padding_matches_row_alone(implementations, families, data):
 def test_float16_scan_reports_first_nonfinite_probe(implementations, families, data, blowup):
     from harness.scan import first_nonfinite
 
-    _within_budget()
     cfg = data.draw(S.any_config(families), label="config")
     spec, state = _setup(cfg)
     state = {k: (v * blowup if k.endswith("embed_tokens.weight") else v) for k, v in state.items()}
