@@ -22,12 +22,20 @@ def decode_divergence(adapter, spec, batch: Batch, chunks: list[int], dtype: str
     return None
 
 
-def padding_divergence(adapter, batch: Batch, row: int = 1) -> float:
-    """Max abs logit difference between a left-padded row (at its real tokens) and that row run alone,
-    relative to the logits' RMS."""
+def padding_divergence(adapter, spec, batch: Batch, row: int = 1, dtype: str = "float32") -> ProbeResult | None:
+    """The first probe at which a left-padded row (at its real tokens) departs from the same row run
+    alone; None if none does."""
+    tol = tolerance_for(dtype, spec.family)
     real = batch.attention_mask[row].bool()
     ids = batch.input_ids[row:row + 1, real]
-    alone = Batch(ids, torch.ones_like(ids), torch.arange(ids.shape[1])[None])
-    padded = adapter.run(batch)["logits"][row, real].float()
-    single = adapter.run(alone)["logits"][0].float()
-    return float((padded - single).abs().max() / single.pow(2).mean().sqrt().clamp_min(1e-30))
+    alone = adapter.run(Batch(ids, torch.ones_like(ids), torch.arange(ids.shape[1])[None]))
+    padded = adapter.run(batch)
+    everywhere = torch.ones_like(ids, dtype=torch.bool)
+    for probe in probe_names.for_spec(spec):
+        if probe not in padded or probe not in alone:
+            continue
+        res = compare_probe(probe, alone[probe], padded[probe][row:row + 1, real], everywhere, tol,
+                            ref_probs=alone.get(probe + "_probs"))
+        if not res.passed:
+            return res
+    return None
