@@ -56,6 +56,15 @@ def pytest_runtest_call(item):
         item.runtest()
         rounds += 1
     item.user_properties.append(("rounds", rounds))
+    item.config._gemma_rounds = getattr(item.config, "_gemma_rounds", {}) | {item.name: (rounds, time.monotonic() - start)}
+
+
+def pytest_terminal_summary(terminalreporter, config):
+    rounds = getattr(config, "_gemma_rounds", {})
+    if rounds:
+        terminalreporter.section("nightly property rounds")
+        for name, (n, seconds) in rounds.items():
+            terminalreporter.line(f"{name}: {n} rounds x {settings().max_examples} examples in {seconds:.0f} s")
 
 
 @pytest.fixture(scope="session")

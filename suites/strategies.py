@@ -133,11 +133,11 @@ def all_sliding_config(families=FAMILIES) -> st.SearchStrategy[dict]:
 
 
 @st.composite
-def batches(draw, config: dict, max_factor: int = 3) -> Batch:
-    """Two rows: lengths 1 to ≥ 3x the window, the second row left-padded, ids over the whole vocabulary
-    (the first real token of each row is BOS)."""
+def batches(draw, config: dict, max_factor: int = 3, min_length: int = 1) -> Batch:
+    """Two rows: lengths `min_length` to ≥ 3x the window, the second row left-padded, ids over the whole
+    vocabulary (the first real token of each row is BOS)."""
     window = config.get("sliding_window") or 8
-    length = draw(st.integers(1, max_factor * window + 2))
+    length = draw(st.integers(min_length, max_factor * window + 2))
     pad = draw(st.integers(0, length - 1))
     ids = torch.tensor(draw(st.lists(st.lists(st.integers(0, VOCAB - 1), min_size=length, max_size=length),
                                      min_size=2, max_size=2)))
