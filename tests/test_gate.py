@@ -43,6 +43,17 @@ def test_logits_only_adapter_is_unsupported_not_failed():
     assert "logits only" in next(p for p in result.probes if p.name == "embed").note
 
 
+def test_port_whose_forward_takes_fewer_arguments_is_still_judged():
+    from transformers import Gemma2ForCausalLM
+
+    class MinimalSignature(Gemma2ForCausalLM):
+        def forward(self, input_ids, attention_mask=None):  # no position_ids / use_cache
+            return super().forward(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+
+    result = conform(MODEL, candidate=MinimalSignature)
+    assert result.error is None and result.passed, result.verdict()
+
+
 def test_bad_candidate_strings_are_clear_errors():
     with pytest.raises(AdapterError, match="MODULE:OBJECT"):
         resolve("no_colon_here")

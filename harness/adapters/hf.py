@@ -11,6 +11,7 @@ from forward hooks on ``model.model.embed_tokens``, ``model.model.layers[i]`` (a
 from __future__ import annotations
 
 import contextlib
+import inspect
 from collections.abc import Mapping
 
 import torch
@@ -68,6 +69,16 @@ class HFCausalLMAdapter:
         if tied and hasattr(model, "tie_weights"):
             model.tie_weights()
         self.model = model.eval()
+
+    def _accepted(self, kwargs: dict) -> dict:
+        """The keyword arguments the model's forward takes (a hand-written port may take fewer)."""
+        try:
+            params = inspect.signature(self.model.forward).parameters
+        except (TypeError, ValueError):
+            return kwargs
+        if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+            return kwargs
+        return {k: v for k, v in kwargs.items() if k in params}
 
     def _hook_targets(self) -> dict[str, torch.nn.Module]:
         inner = getattr(self.model, "model", None)
@@ -134,8 +145,10 @@ class HFCausalLMAdapter:
 
         handles = [module.register_forward_hook(hook(name)) for name, module in self._hook_targets().items()]
         try:
-            kwargs = {"past_key_values": past} if past is not None else {}
-            out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=use_cache, **kwargs)
+            kwargs = {"attention_mask": mask, "position_ids": positions, "use_cache": use_cache}
+            if past is not None:
+                kwargs["past_key_values"] = past
+            out = self.model(input_ids=ids, **self._accepted(kwargs))
         finally:
             for handle in handles:
                 handle.remove()
