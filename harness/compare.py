@@ -93,12 +93,15 @@ def _worst_margin(probs: torch.Tensor | None, flipped: torch.Tensor, k: int) -> 
     return float(_top_margin(probs, k)[flipped].max()) if probs is not None else float("inf")
 
 
+def _flipped(r: torch.Tensor, c: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """(tokens whose chosen expert set differs between two (tokens, experts) dispatch tensors, k)."""
+    return ((r != 0) != (c != 0)).any(-1), int((r != 0).sum(-1).max())
+
+
 def routing_flips(ref: torch.Tensor, cand: torch.Tensor, valid: torch.Tensor, ref_probs: torch.Tensor | None) -> tuple[int, float]:
     """Tokens whose chosen expert set differs between two dispatch tensors, and the largest reference
     k-th/(k+1)-th probability margin among them (inf without probabilities)."""
-    r, c = ref[valid], cand[valid]
-    flipped = ((r != 0) != (c != 0)).any(-1)
-    k = int((r != 0).sum(-1).max())
+    flipped, k = _flipped(ref[valid], cand[valid])
     n = int(flipped.sum())
     return n, (_worst_margin(ref_probs[valid], flipped, k) if n else 0.0)
 
@@ -115,8 +118,7 @@ def compare_router(name: str, ref: torch.Tensor, cand: torch.Tensor, valid: torc
     """
     limits = tol.for_probe(name)
     r, c = ref[valid].float(), cand[valid].float()  # (tokens, experts)
-    k = int((r != 0).sum(-1).max())
-    flipped = ((r != 0) != (c != 0)).any(-1)
+    flipped, k = _flipped(r, c)
     n_flip, tokens = int(flipped.sum()), r.shape[0]
     metrics = _metrics(r[~flipped], c[~flipped]) if (~flipped).any() else {}
     metrics |= {"tokens_flipped": float(n_flip), "tokens": float(tokens)}

@@ -50,6 +50,21 @@ class ConformanceResult:
     def unsupported(self) -> list[ProbeResult]:
         return [p for p in self.probes if p.status == "unsupported"]
 
+    def standing(self, code: str = "") -> str:
+        """The error, the first divergence, or (on a pass) where it would have failed first. `code`
+        wraps probe names (e.g. a backtick for Markdown)."""
+        if self.error:
+            return self.error
+        first = self.first_divergence
+        if first is not None:
+            return f"first divergence at {code}{first.name}{code}: {first.note}"
+        closest = self.closest
+        if closest is None:
+            return ""
+        if closest.headroom() == 0:
+            return "bit-exact at every probe"
+        return f"closest to failing: {code}{closest.name}{code} at {closest.headroom():.2g} of tolerance"
+
     def verdict(self) -> str:
         if self.error:
             return f"ERROR {self.model} [{self.dtype}] {self.candidate}: {self.error}"
@@ -57,15 +72,11 @@ class ConformanceResult:
         if first is not None:
             where = f"layer {first.layer} {first.sublayer}" if first.layer is not None else first.name
             return f"FAIL {self.model} [{self.dtype}] {self.candidate}: first divergence at {first.name} ({where}): {first.note}"
-        closest = self.closest
-        if closest is not None and closest.headroom() == 0:
-            tail = "; bit-exact at every probe"
-        else:
-            tail = f"; closest to failing: {closest.name} at {closest.headroom():.2g} of tolerance" if closest else ""
         skipped = f"; {len(self.unsupported)} probes unsupported" if self.unsupported else ""
         flips = sum(int(p.metrics.get("tokens_flipped", 0)) for p in self.probes)
         if flips:
             skipped += f"; {flips} token-layer expert choices flipped on near-ties (rest judged with the candidate's routing)"
+        tail = f"; {self.standing()}" if self.closest is not None else ""
         return f"PASS {self.model} [{self.dtype}] {self.candidate} vs {self.reference}: {len(self.probes) - len(self.unsupported)} probes{skipped}{tail}"
 
     def to_json(self) -> dict:
@@ -129,7 +140,6 @@ def compare_implementations(label: str, hf_config: dict, state: dict, batch: Bat
     result = ConformanceResult(label, dtype, reference.name, name, inputs=batch.describe(), seed=seed,
                                environment=environment(dtype))
     reference.load(hf_config, state, torch_dtype)
-    ref_out = reference.run(batch)
     try:
         adapter = resolve(candidate)
         result.candidate = adapter.name
@@ -141,7 +151,7 @@ def compare_implementations(label: str, hf_config: dict, state: dict, batch: Bat
         frame = traceback.extract_tb(exc.__traceback__)[-1]
         result.error = f"candidate crashed: {type(exc).__name__}: {exc} (at {frame.filename}:{frame.lineno})"
     else:
-        result.probes = _judge(spec, reference, batch, ref_out, cand_out, tol, getattr(adapter, "unsupported", {}) or {})
+        result.probes = _judge(spec, reference, batch, cand_out, tol, getattr(adapter, "unsupported", {}) or {})
         if cand_out.get("logits") is None:
             result.error = "candidate returned no logits"
     result.wall_s = time.perf_counter() - start
@@ -191,17 +201,17 @@ def _check_router_context(result: ProbeResult, probe, ref_out, cand_out, router_
                        f"later probes judged with the candidate's routing; {result.note}")
 
 
-def _judge(spec, reference, batch, ref_out, cand_out, tol, reasons) -> list[ProbeResult]:
-    """Compare every probe. On MoE models whose candidate exposes its expert choices, the reference is
-    run routed as the candidate, so every probe is judged on the same routing rather than through a
-    widened tolerance; each router is judged alone (see :func:`_check_router_context`)."""
+def _judge(spec, reference, batch, cand_out, tol, reasons) -> list[ProbeResult]:
+    """Run the reference and compare every probe. On MoE models whose candidate exposes its expert
+    choices, the reference runs routed as the candidate, so every probe is judged on the same routing
+    rather than through a widened tolerance; each router is judged alone (see
+    :func:`_check_router_context`)."""
     forced = {}
     for layer in spec.layers:
         dispatch = cand_out.get(f"layers.{layer.index}.router")
         if layer.moe is not None and dispatch is not None:
             forced[layer.index] = torch.topk(dispatch.float(), k=layer.moe.top_k, dim=-1).indices
-    if forced and hasattr(reference, "run"):
-        ref_out = reference.run(batch, forced_routing=forced)
+    ref_out = reference.run(batch, forced_routing=forced) if forced else reference.run(batch)
     return _compare_all(spec, reference, ref_out, cand_out, batch, tol, reasons)
 
 

@@ -39,8 +39,8 @@ def load_real_model(cache_dir=None):
 class _KeepLogits(ReferenceAdapter):
     """The reference adapter, keeping its last logits for the language-model check."""
 
-    def run(self, batch):
-        out = super().run(batch)
+    def run(self, batch, **kwargs):
+        out = super().run(batch, **kwargs)
         self.logits = out["logits"]
         return out
 

@@ -48,16 +48,7 @@ def summary_table(results: Sequence[ConformanceResult]) -> str:
         logits = next((p for p in r.probes if p.name == "logits"), None)
         lm = logits.metrics if logits else {}
         verdict = "ERROR" if r.error else ("PASS" if r.passed else "FAIL")
-        if r.error:
-            where = r.error
-        elif r.first_divergence:
-            where = f"FIRST DIVERGENCE {r.first_divergence.name}: {r.first_divergence.note}"
-        elif r.closest and r.closest.headroom() == 0:
-            where = "bit-exact at every probe"
-        elif r.closest:
-            where = f"closest: {r.closest.name} ({r.closest.headroom():.2g} of tol)"
-        else:
-            where = ""
+        where = r.standing()
         lines.append(
             f"{r.model:<20} {r.dtype:<9} {verdict:<7} {_fmt(_worst(r, 'max_rel')):>13} {_fmt(lm.get('max_abs')):>14} "
             f"{_fmt(lm.get('kl_max')):>9} {('%.3f' % lm['top1']) if 'top1' in lm else '-':>6} {r.wall_s:>7.2f}  {where}"
@@ -117,12 +108,7 @@ def markdown(results: Sequence[ConformanceResult], title: str = "Conformance rep
         logits = next((p for p in r.probes if p.name == "logits"), None)
         lm = logits.metrics if logits else {}
         verdict = "ERROR" if r.error else ("PASS" if r.passed else "**FAIL**")
-        if r.error or r.first_divergence:
-            where = r.error or f"`{r.first_divergence.name}`: {r.first_divergence.note}"
-        elif r.closest and r.closest.headroom() == 0:
-            where = "bit-exact at every probe"
-        else:
-            where = f"`{r.closest.name}` at {r.closest.headroom():.2g} of tolerance" if r.closest else ""
+        where = r.standing(code="`")
         out.append(f"| {r.model} | {r.dtype} | {verdict} | {_fmt(_worst(r, 'max_rel'))} | {_fmt(lm.get('max_abs'))} | "
                    f"{_fmt(lm.get('kl_max'))} | {('%.3f' % lm['top1']) if 'top1' in lm else '-'} | {r.wall_s:.2f} | {where} |")
     if results:
