@@ -15,8 +15,11 @@ from reference_impl.spec import ModelSpec
 from . import probes as probe_names
 from .adapters import Adapter, AdapterError, ReferenceAdapter, resolve
 from .compare import ProbeResult, compare_probe, routing_flips
+from .decode_check import judge_greedy
 from .synthetic import Batch, make_batch, random_state_dict
 from .tolerance import DTYPES, Tolerance, tolerance_for
+
+DECODE_STEPS = 8  # greedy steps judged for candidates that generate (see harness.decode_check)
 
 
 @dataclass
@@ -119,9 +122,17 @@ def conform(model: str, candidate: str | Adapter = "hf", dtype: str = "float32",
             reference: Adapter | None = None) -> ConformanceResult:
     """Run `model` (a name from configs/) through the reference and the candidate; compare every probe.
 
-    Weights are random (see :mod:`harness.synthetic`), drawn from `seed`, as are the inputs.
+    Weights are random (see :mod:`harness.synthetic`), drawn from `seed`, as are the inputs. A candidate
+    with ``prepare_config(hf_config)`` (vLLM: head sizes its kernels accept) runs a variant of the twin
+    it can execute; both implementations get that variant, and the result's inputs say how it differs.
     """
     hf_config = configs.hf_config(model)
+    try:
+        candidate = resolve(candidate)
+    except AdapterError:
+        pass  # compare_implementations records it as this run's error
+    if hasattr(candidate, "prepare_config"):
+        hf_config = candidate.prepare_config(hf_config)
     spec = ModelSpec.from_hf_config(hf_config)
     return compare_implementations(model, hf_config, random_state_dict(spec, seed), make_batch(spec, seed),
                                    candidate=candidate, dtype=dtype, reference=reference, seed=seed)
@@ -140,20 +151,31 @@ def compare_implementations(label: str, hf_config: dict, state: dict, batch: Bat
     result = ConformanceResult(label, dtype, reference.name, name, inputs=batch.describe(), seed=seed,
                                environment=environment(dtype))
     reference.load(hf_config, state, torch_dtype)
+    adapter = None
     try:
         adapter = resolve(candidate)
         result.candidate = adapter.name
         adapter.load(hf_config, state, torch_dtype)
         cand_out = adapter.run(batch)
+        generated = adapter.generate(batch, DECODE_STEPS) if hasattr(adapter, "generate") else None
     except AdapterError as exc:
         result.error = str(exc)
     except Exception as exc:  # noqa: BLE001 - a crashing candidate is a result, not a crash of the gate
         frame = traceback.extract_tb(exc.__traceback__)[-1]
         result.error = f"candidate crashed: {type(exc).__name__}: {exc} (at {frame.filename}:{frame.lineno})"
     else:
-        result.probes = _judge(spec, reference, batch, cand_out, tol, getattr(adapter, "unsupported", {}) or {})
+        result.probes = _judge(spec, reference, batch, cand_out, tol, getattr(adapter, "unsupported", {}) or {},
+                               getattr(adapter, "logits_form", "logits"))
+        if generated is not None:
+            result.probes.append(judge_greedy(reference, batch.prompts(), generated, tol))
         if cand_out.get("logits") is None:
             result.error = "candidate returned no logits"
+    finally:
+        if hasattr(adapter, "close"):
+            adapter.close()  # e.g. vLLM's model directory
+    if getattr(adapter, "config_note", ""):
+        result.inputs += f"; model variant: {adapter.config_note}"
+    result.environment.update(getattr(adapter, "environment", None) or {})
     result.wall_s = time.perf_counter() - start
     return result
 
@@ -201,7 +223,7 @@ def _check_router_context(result: ProbeResult, probe, ref_out, cand_out, router_
                        f"later probes judged with the candidate's routing; {result.note}")
 
 
-def _judge(spec, reference, batch, cand_out, tol, reasons) -> list[ProbeResult]:
+def _judge(spec, reference, batch, cand_out, tol, reasons, logits_form="logits") -> list[ProbeResult]:
     """Run the reference and compare every probe. On MoE models whose candidate exposes its expert
     choices, the reference runs routed as the candidate, so every probe is judged on the same routing
     rather than through a widened tolerance; each router is judged alone (see
@@ -212,6 +234,8 @@ def _judge(spec, reference, batch, cand_out, tol, reasons) -> list[ProbeResult]:
         if layer.moe is not None and dispatch is not None:
             forced[layer.index] = torch.topk(dispatch.float(), k=layer.moe.top_k, dim=-1).indices
     ref_out = reference.run(batch, forced_routing=forced) if forced else reference.run(batch)
+    if logits_form == "logprobs":  # the candidate reports log-probabilities: compare log-softmaxed logits
+        ref_out = {**ref_out, "logits": torch.log_softmax(ref_out["logits"].float(), dim=-1)}
     return _compare_all(spec, reference, ref_out, cand_out, batch, tol, reasons)
 
 

@@ -75,6 +75,10 @@ class Batch:
     def valid(self) -> torch.Tensor:
         return self.attention_mask.bool()
 
+    def prompts(self) -> list[list[int]]:
+        """Each row's real tokens (left padding dropped)."""
+        return [row[mask.bool()].tolist() for row, mask in zip(self.input_ids, self.attention_mask, strict=True)]
+
     def describe(self) -> str:
         b, t = self.input_ids.shape
         pads = (self.attention_mask == 0).sum(dim=1).tolist()

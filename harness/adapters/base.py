@@ -46,7 +46,7 @@ def _import_object(target: str):
 
 
 def resolve(target: str | Adapter | type) -> Adapter:
-    """'hf', 'reference', an adapter, an HF-compatible module class, or 'MODULE:OBJECT' naming either."""
+    """'hf', 'reference', 'vllm', an adapter, an HF-compatible module class, or 'MODULE:OBJECT' naming either."""
     from .hf import HFCausalLMAdapter, hf_adapter
     from .reference import ReferenceAdapter
 
@@ -55,6 +55,10 @@ def resolve(target: str | Adapter | type) -> Adapter:
             return hf_adapter()
         if target == "reference":
             return ReferenceAdapter()
+        if target == "vllm":
+            from .vllm import VLLMAdapter
+
+            return VLLMAdapter()
         label, target = target, _import_object(target)
     else:
         label = getattr(target, "__name__", type(target).__name__)

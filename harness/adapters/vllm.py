@@ -1,0 +1,150 @@
+"""vLLM as an implementation under test, one isolated process per model.
+
+``load`` writes the model as an HF checkpoint directory with its own offline tokenizer
+(:mod:`harness.model_dir`); ``run`` starts :mod:`harness.adapters.vllm_worker` in a child process
+(``VLLM_ENABLE_V1_MULTIPROCESSING=0``, eager, prefix caching off), which captures the probes with
+forward hooks on vLLM's own model object and asks for full-vocabulary prompt log-probabilities and a
+greedy continuation. A crash, a hang (``timeout_s``) or an architecture vLLM does not know becomes an
+:class:`AdapterError` naming it, so the gate records it as that run's result and goes on.
+
+What differs from the other adapters, and is reported as such:
+
+* vLLM takes unpadded prompts: each row of the batch is sent without its left padding (the gate only
+  compares real tokens, whose positions are the same);
+* ``logits`` are vLLM's log-probabilities (``logits_form = "logprobs"``): the gate compares them with
+  the reference's log-softmax;
+* vLLM's CPU attention supports head sizes 32, 64, 80, ... only, so :meth:`prepare_config` doubles
+  the head dims of a twin until they reach 32 (the twins use 16); the result says so.
+
+The worker's interpreter is this one, or ``$GEMMA_HARNESS_VLLM_PYTHON`` (a venv with vLLM and the
+transformers version it needs, while this process keeps another).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+
+from ..model_dir import write_model_dir
+from ..synthetic import Batch
+from .base import AdapterError
+
+MIN_HEAD_DIM = 32  # vLLM CPU attention: get_supported_head_sizes() = [32, 64, 80, ...]
+REPO_ROOT = Path(__file__).resolve().parents[2]
+_EXCEPTION_LINE = re.compile(r"^[\w.]*(Error|Exception|Exit|Interrupt)\b.*")
+
+
+def _last_error(stderr: str) -> str:
+    lines = [line.strip() for line in stderr.splitlines() if line.strip()]
+    errors = [line for line in lines if _EXCEPTION_LINE.match(line)]
+    return (errors or lines or ["no output"])[-1][:400]
+
+
+class VLLMAdapter:
+    name = "vllm"
+    logits_form = "logprobs"
+
+    def __init__(self, decode_steps: int = 8, timeout_s: float = 600.0, python: str | None = None):
+        self.decode_steps, self.timeout_s = decode_steps, timeout_s
+        self.python = python or os.environ.get("GEMMA_HARNESS_VLLM_PYTHON") or sys.executable
+        self.unsupported: dict[str, str] = {}
+        self.environment: dict = {}
+        self.config_note = ""
+        self._dir: Path | None = None
+        self._greedy: tuple[Batch, int, list] | None = None
+
+    def prepare_config(self, hf_config: Mapping) -> dict:
+        """The twin with head dims doubled until vLLM's CPU attention accepts them (noted in the result)."""
+        config = dict(hf_config)
+        notes = []
+        for key in ("head_dim", "global_head_dim"):
+            old = config.get(key)
+            if not old:
+                continue
+            new = old
+            while new < MIN_HEAD_DIM:
+                new *= 2
+            if new != old:
+                config[key] = new
+                notes.append(f"{key} {old}->{new}")
+        self.config_note = f"{', '.join(notes)} (vLLM CPU attention needs head size >= {MIN_HEAD_DIM})" if notes else ""
+        return config
+
+    def load(self, hf_config: Mapping, state_dict: Mapping[str, torch.Tensor], dtype: torch.dtype) -> None:
+        self.close()
+        self._dir = Path(tempfile.mkdtemp(prefix="gemma-harness-vllm-"))
+        self.dtype = str(dtype).removeprefix("torch.")
+        write_model_dir(self._dir / "model", hf_config, state_dict, torch.float32)
+        self._greedy = None
+
+    def close(self) -> None:
+        if self._dir is not None:
+            shutil.rmtree(self._dir, ignore_errors=True)
+            self._dir = None
+
+    def __del__(self):
+        self.close()
+
+    def _call(self, batch: Batch, decode_steps: int) -> dict:
+        if self._dir is None:
+            raise AdapterError("vllm: run() before load()")
+        out = self._dir / "out.pt"
+        out.unlink(missing_ok=True)
+        request = {"model_dir": str(self._dir / "model"), "dtype": self.dtype, "prompts": batch.prompts(),
+                   "decode_steps": decode_steps, "out": str(out),
+                   "device": "cuda" if torch.cuda.is_available() else "cpu"}
+        (self._dir / "request.json").write_text(json.dumps(request))
+        env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
+               "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))}
+        cmd = [self.python, "-m", "harness.adapters.vllm_worker", str(self._dir / "request.json")]
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env,
+                                start_new_session=True)
+        try:
+            _, stderr = proc.communicate(timeout=self.timeout_s)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
+            raise AdapterError(f"vllm: no result after {self.timeout_s:.0f} s (killed)") from None
+        if proc.returncode != 0 or not out.exists():
+            how = f"exit code {proc.returncode}" if proc.returncode >= 0 else f"killed by signal {-proc.returncode}"
+            raise AdapterError(f"vllm failed ({how}): {_last_error(stderr)}")
+        data = torch.load(out, weights_only=True)
+        self.environment = {**data["environment"], **{k: round(v, 2) for k, v in data["timings"].items()}}
+        return data
+
+    def run(self, batch: Batch) -> dict[str, torch.Tensor]:
+        data = self._call(batch, self.decode_steps)
+        rows = data["rows"]
+        self._greedy = (batch, self.decode_steps, [(r["greedy_tokens"], r["greedy_logprobs"]) for r in rows]
+                        if self.decode_steps else [])
+        return self._assemble(batch, [r["probes"] for r in rows])
+
+    def generate(self, batch: Batch, steps: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Greedy continuation of each row: (tokens (steps,), full-vocabulary log-probs (steps, V))."""
+        cached = self._greedy
+        if cached is None or cached[0] is not batch or cached[1] < steps:
+            cached = (batch, steps, [(r["greedy_tokens"], r["greedy_logprobs"]) for r in self._call(batch, steps)["rows"]])
+            self._greedy = cached
+        return [(tokens[:steps], logprobs[:steps]) for tokens, logprobs in cached[2]]
+
+    @staticmethod
+    def _assemble(batch: Batch, rows: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        """Per-row (tokens, ...) probes back into (batch, tokens, ...) at the real positions (zeros elsewhere)."""
+        b, t = batch.input_ids.shape
+        out = {}
+        for name in rows[0]:
+            full = torch.zeros(b, t, *rows[0][name].shape[1:])
+            for r, probes in enumerate(rows):
+                full[r, batch.attention_mask[r].bool()] = probes[name]
+            out[name] = full
+        return out

@@ -1,0 +1,76 @@
+"""A tiny model as an HF checkpoint directory on disk, for implementations that load from a path (vLLM).
+
+The directory holds ``config.json``, ``model.safetensors`` (the HF-named state dict) and a tokenizer
+made here, offline and deterministically: a word-level vocabulary ``<pad>``, ``<eos>``, ``<bos>`` at
+the ids the config names, every other id ``<t{id}>``, split on whitespace. Token ids go in and out of
+the implementation directly; the tokenizer exists because servers insist on loading one, and it
+round-trips every id (``decode(encode(x)) == x``).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+SPECIAL = {"pad_token_id": "<pad>", "eos_token_id": "<eos>", "bos_token_id": "<bos>"}
+_DEFAULT_IDS = {"pad_token_id": 0, "eos_token_id": 1, "bos_token_id": 2}
+
+
+def special_ids(hf_config: Mapping) -> dict[str, int]:
+    """The pad/eos/bos ids of a config (first id where the config lists several), defaults 0/1/2."""
+    out = {}
+    for key, default in _DEFAULT_IDS.items():
+        value = hf_config.get(key, default)
+        value = value[0] if isinstance(value, list) else value
+        out[key] = default if value is None else int(value)
+    return out
+
+
+def vocabulary(hf_config: Mapping) -> dict[str, int]:
+    """token -> id for every id below vocab_size."""
+    ids = special_ids(hf_config)
+    names = {i: SPECIAL[key] for key, i in ids.items()}
+    return {names.get(i, f"<t{i}>"): i for i in range(int(hf_config["vocab_size"]))}
+
+
+def tokenizer_json(hf_config: Mapping) -> dict:
+    """A ``tokenizers`` WordLevel tokenizer (the tokenizer.json format), written without the library."""
+    vocab = vocabulary(hf_config)
+    ids = special_ids(hf_config)
+    added = [{"id": ids[key], "content": SPECIAL[key], "single_word": False, "lstrip": False, "rstrip": False,
+              "normalized": False, "special": True} for key in ("pad_token_id", "eos_token_id", "bos_token_id")]
+    return {
+        "version": "1.0", "truncation": None, "padding": None, "added_tokens": added,
+        "normalizer": None, "pre_tokenizer": {"type": "WhitespaceSplit"}, "post_processor": None,
+        "decoder": None,  # ids decode to their tokens joined by spaces
+        "model": {"type": "WordLevel", "vocab": vocab, "unk_token": SPECIAL["pad_token_id"]},
+    }
+
+
+def write_tokenizer(path: Path, hf_config: Mapping) -> None:
+    ids = special_ids(hf_config)
+    (path / "tokenizer.json").write_text(json.dumps(tokenizer_json(hf_config)))
+    tokens = {key.replace("_id", ""): SPECIAL[key] for key in ids}
+    (path / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": int(hf_config.get("max_position_embeddings", 8192)),
+        "add_bos_token": False, "add_eos_token": False, "clean_up_tokenization_spaces": False, **tokens,
+    }, indent=1))
+    (path / "special_tokens_map.json").write_text(json.dumps(tokens, indent=1))
+
+
+def write_model_dir(path: str | Path, hf_config: Mapping, state_dict: Mapping[str, torch.Tensor],
+                    dtype: torch.dtype = torch.float32) -> Path:
+    """Write an HF checkpoint directory of `state_dict` (stored in `dtype`) with its tokenizer."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    config = dict(hf_config)
+    config["torch_dtype"] = config["dtype"] = str(dtype).removeprefix("torch.")
+    (path / "config.json").write_text(json.dumps(config, indent=1))
+    save_file({name: t.detach().to(dtype).contiguous() for name, t in state_dict.items()},
+              str(path / "model.safetensors"), metadata={"format": "pt"})
+    write_tokenizer(path, hf_config)
+    return path
