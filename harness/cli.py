@@ -45,7 +45,7 @@ def _cmd_conform(args) -> int:
     from tqdm import tqdm
 
     from . import report
-    from .gate import conform, result_from_json
+    from .gate import conform
     from .tolerance import POLICY
 
     dtypes = [d.strip() for d in args.dtype.split(",") if d.strip()]
@@ -70,11 +70,7 @@ def _cmd_conform(args) -> int:
 
     done = {}
     if args.resume and args.json and os.path.exists(args.json):
-        with open(args.json) as f:
-            data = json.load(f)
-        for item in data.get("results", [data]):
-            r = result_from_json(item)
-            done[(r.model, r.dtype)] = r
+        done = {(r.model, r.dtype): r for r in report.load_results(args.json)}
     runs = [(m, d) for d in dtypes for m in models]
     results = []
     show_tables = len(runs) == 1 or args.verbose
@@ -104,6 +100,21 @@ def _cmd_conform(args) -> int:
     total = sum(r.wall_s for r in results)
     print(f"\n{len(results) - len(failed)} passed, {len(failed)} failed ({total:.1f} s)")
     return EXIT_OK if not failed else EXIT_FAIL
+
+
+def _cmd_diff(args) -> int:
+    from . import report
+
+    try:
+        a, b = report.load_results(args.a), report.load_results(args.b)
+    except (OSError, ValueError, KeyError) as exc:
+        print(f"error: cannot read results: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    text, worse = report.diff_markdown(a, b)
+    print(text)
+    if args.report:
+        report.write_atomic(args.report, text)
+    return EXIT_FAIL if worse else EXIT_OK
 
 
 def _cmd_calibrate(args) -> int:
@@ -153,7 +164,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("conform", help="layer-by-layer conformance gate against the reference implementation")
     p.add_argument("--model", action="append", help="config name (repeatable); see `gemma-harness configs`")
     p.add_argument("--all", action="store_true", help="every tiny model")
-    p.add_argument("--against", default="hf", help="implementation to gate: hf (default) or reference")
+    p.add_argument("--against", default="hf", help="implementation to gate: hf (default), vllm, or reference")
     p.add_argument("--candidate", metavar="MODULE:OBJECT",
                    help="a third-party port: an adapter, or a torch module class with the HF *ForCausalLM interface")
     p.add_argument("--dtype", default="float32", help="float32, bfloat16, or both comma-separated (default float32)")
@@ -175,6 +186,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", metavar="PATH")
     p.add_argument("--report", metavar="PATH")
     p.set_defaults(func=_cmd_realweights)
+
+    p = sub.add_parser("diff", help="two conform --json runs side by side (e.g. two transformers versions)")
+    p.add_argument("a", help="results JSON (the baseline)")
+    p.add_argument("b", help="results JSON to compare with it")
+    p.add_argument("--report", metavar="PATH", help="write the Markdown table here too")
+    p.set_defaults(func=_cmd_diff)
 
     p = sub.add_parser("calibrate", help="measure the spread between correct implementations (tolerance basis)")
     p.add_argument("--model", action="append")

@@ -8,7 +8,7 @@ import tempfile
 from collections.abc import Sequence
 from xml.etree import ElementTree as ET
 
-from .gate import ConformanceResult
+from .gate import ConformanceResult, result_from_json
 
 
 def _fmt(value: float | None) -> str:
@@ -107,12 +107,66 @@ def markdown(results: Sequence[ConformanceResult], title: str = "Conformance rep
     for r in results:
         logits = next((p for p in r.probes if p.name == "logits"), None)
         lm = logits.metrics if logits else {}
-        verdict = "ERROR" if r.error else ("PASS" if r.passed else "**FAIL**")
         where = r.standing(code="`")
-        out.append(f"| {r.model} | {r.dtype} | {verdict} | {_fmt(_worst(r, 'max_rel'))} | {_fmt(lm.get('max_abs'))} | "
+        out.append(f"| {r.model} | {r.dtype} | {_verdict(r)} | {_fmt(_worst(r, 'max_rel'))} | {_fmt(lm.get('max_abs'))} | "
                    f"{_fmt(lm.get('kl_max'))} | {('%.3f' % lm['top1']) if 'top1' in lm else '-'} | {r.wall_s:.2f} | {where} |")
     if results:
         r = results[0]
         out += ["", f"Candidate: `{r.candidate}`; reference: `{r.reference}`; inputs: {r.inputs}; seed {r.seed}.",
                 f"Total wall time: {sum(x.wall_s for x in results):.1f} s."]
     return "\n".join(out) + "\n"
+
+
+def load_results(path: str | os.PathLike) -> list[ConformanceResult]:
+    """The results in a JSON file written by ``conform --json`` (one result or several)."""
+    with open(path) as f:
+        data = json.load(f)
+    return [result_from_json(item) for item in data.get("results", [data])]
+
+
+def _label(results: Sequence[ConformanceResult]) -> str:
+    env = results[0].environment if results else {}
+    name = results[0].candidate if results else "?"
+    versions = [f"{k} {env[k]}" for k in ("vllm", "transformers") if k in env and str(env[k]) not in name]
+    return f"{name} ({', '.join(versions)})" if versions else name
+
+
+def _changed(a: ConformanceResult, b: ConformanceResult) -> list[str]:
+    """Probes whose metrics differ between two runs of the same model and dtype (exact comparison:
+    JSON round-trips floats)."""
+    theirs = {p.name: p.metrics for p in b.probes}
+    return [p.name for p in a.probes if theirs.get(p.name) != p.metrics]
+
+
+def diff_markdown(a: Sequence[ConformanceResult], b: Sequence[ConformanceResult]) -> tuple[str, int]:
+    """Two conformance runs of the same models side by side (e.g. HF of two transformers versions, each
+    against the reference): verdicts, worst errors, and which probes changed at all. Returns the
+    Markdown and the number of runs whose verdict got worse from `a` to `b`."""
+    la, lb = _label(a), _label(b)
+    theirs = {(r.model, r.dtype): r for r in b}
+    out = [f"# {la} vs {lb}", "",
+           "Each side is a `gemma-harness conform` run against the reference, same models, seeds and inputs; "
+           "a probe counts as changed when any of its metrics differs at all.", "",
+           "| model | dtype | verdict A | verdict B | worst max_rel A | worst max_rel B | probes changed | first changed |",
+           "|---|---|---|---|---|---|---|---|"]
+    worse = 0
+    for r in a:
+        other = theirs.get((r.model, r.dtype))
+        if other is None:
+            out.append(f"| {r.model} | {r.dtype} | {_verdict(r)} | not run | {_fmt(_worst(r, 'max_rel'))} | - | - | - |")
+            continue
+        changed = _changed(r, other)
+        first = f"`{changed[0]}`" if changed else "-"
+        if other.inputs != r.inputs:
+            first += " (the inputs differ)"
+        worse += int(r.passed and not other.passed)
+        out.append(f"| {r.model} | {r.dtype} | {_verdict(r)} | {_verdict(other)} | {_fmt(_worst(r, 'max_rel'))} | "
+                   f"{_fmt(_worst(other, 'max_rel'))} | {len(changed)} of {len(r.probes)} | {first} |")
+    same = sum(1 for r in a if (r.model, r.dtype) in theirs and not _changed(r, theirs[(r.model, r.dtype)]))
+    out += ["", f"A: {la}; B: {lb}. {same} of {len(a)} runs identical at every probe; "
+            f"{worse} verdicts worse in B."]
+    return "\n".join(out) + "\n", worse
+
+
+def _verdict(r: ConformanceResult) -> str:
+    return "ERROR" if r.error else ("PASS" if r.passed else "**FAIL**")

@@ -144,3 +144,20 @@ def test_cli_configs_lists_every_variant():
     assert proc.returncode == 0
     for name in ("gemma-2b", "gemma-2-27b-tiny", "gemma-3-270m", "gemma-3-27b-tiny"):
         assert name in proc.stdout
+
+
+def test_cli_diff_shows_what_changed_between_two_runs(tmp_path):
+    """Two runs of the same models: HF, then a port with exact GELU. The diff names the changed probes
+    and exits 1 because a verdict got worse; a run against itself is identical and exits 0."""
+    a, b, md = tmp_path / "a.json", tmp_path / "b.json", tmp_path / "d.md"
+    assert _cli("conform", "--model", MODEL, "--model", "gemma-2b-tiny", "--json", str(a), "-q").returncode == 0
+    _cli("conform", "--model", MODEL, "--model", "gemma-2b-tiny", "--candidate", "tests.mutants:G1ExactGelu",
+         "--json", str(b), "-q")
+    same = _cli("diff", str(a), str(a))
+    assert same.returncode == 0 and "2 of 2 runs identical at every probe; 0 verdicts worse" in same.stdout
+    proc = _cli("diff", str(a), str(b), "--report", str(md))
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    rows = {line.split("|")[1].strip(): line for line in md.read_text().splitlines() if line.startswith("| gemma")}
+    assert "| PASS | **FAIL** |" in rows["gemma-2b-tiny"] and "`layers.0.mlp`" in rows["gemma-2b-tiny"]
+    assert "ERROR" in rows[MODEL]  # a Gemma 1 class cannot load a Gemma 2 config: that run's error
+    assert _cli("diff", str(a), str(tmp_path / "missing.json")).returncode == 2

@@ -142,6 +142,13 @@ def test_crash_keeps_earlier_results_and_exits_1(tmp_path):
 def test_last_error_prefers_the_exception_line():
     log = "INFO starting\nTraceback (most recent call last):\n  File x\nKeyError: 'model.norm.weight'\nINFO shutdown\n"
     assert _last_error(log) == "KeyError: 'model.norm.weight'"
+    pydantic = ("pydantic_core._pydantic_core.ValidationError: 1 validation error for ModelConfig\n"
+                "  Value error, Model architectures ['X'] are not supported [type=value_error]\n"
+                "    For further information visit https://errors.pydantic.dev\nINFO exit\n")
+    assert _last_error(pydantic) == ("pydantic_core._pydantic_core.ValidationError: 1 validation error for ModelConfig "
+                                     "Value error, Model architectures ['X'] are not supported [type=value_error] "
+                                     "For further information visit https://errors.pydantic.dev")
+    assert _last_error("") == "no output"
 
 
 class _Greedy:

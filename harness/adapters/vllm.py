@@ -14,7 +14,9 @@ What differs from the other adapters, and is reported as such:
 * ``logits`` are vLLM's log-probabilities (``logits_form = "logprobs"``): the gate compares them with
   the reference's log-softmax;
 * vLLM's CPU attention supports head sizes 32, 64, 80, ... only, so :meth:`prepare_config` doubles
-  the head dims of a twin until they reach 32 (the twins use 16); the result says so.
+  the head dims of a twin until they reach 32 (the twins use 16); the result says so;
+* ``prefill_chunk=N`` makes vLLM prefill N tokens per forward (chunked prefill), so the probes and
+  log-probs of later chunks come through vLLM's KV cache: a cache property, judged probe by probe.
 
 The worker's interpreter is this one, or ``$GEMMA_HARNESS_VLLM_PYTHON`` (a venv with vLLM and the
 transformers version it needs, while this process keeps another).
@@ -45,17 +47,29 @@ _EXCEPTION_LINE = re.compile(r"^[\w.]*(Error|Exception|Exit|Interrupt)\b.*")
 
 
 def _last_error(stderr: str) -> str:
-    lines = [line.strip() for line in stderr.splitlines() if line.strip()]
-    errors = [line for line in lines if _EXCEPTION_LINE.match(line)]
-    return (errors or lines or ["no output"])[-1][:400]
+    """The last exception line of a child's stderr, with the indented detail lines that follow it
+    (pydantic puts the reason there), in one line."""
+    lines = stderr.splitlines()
+    starts = [i for i, line in enumerate(lines) if _EXCEPTION_LINE.match(line.strip())]
+    if not starts:
+        rest = [line.strip() for line in lines if line.strip()]
+        return (rest or ["no output"])[-1][:400]
+    i = starts[-1]
+    detail = [lines[i].strip()]
+    for line in lines[i + 1:i + 4]:
+        if not line.startswith((" ", "\t")) or not line.strip():
+            break
+        detail.append(line.strip())
+    return " ".join(detail)[:400]
 
 
 class VLLMAdapter:
     name = "vllm"
     logits_form = "logprobs"
 
-    def __init__(self, decode_steps: int = 8, timeout_s: float = 600.0, python: str | None = None):
-        self.decode_steps, self.timeout_s = decode_steps, timeout_s
+    def __init__(self, decode_steps: int = 8, timeout_s: float = 600.0, python: str | None = None,
+                 prefill_chunk: int | None = None):
+        self.decode_steps, self.timeout_s, self.prefill_chunk = decode_steps, timeout_s, prefill_chunk
         self.python = python or os.environ.get("GEMMA_HARNESS_VLLM_PYTHON") or sys.executable
         self.unsupported: dict[str, str] = {}
         self.environment: dict = {}
@@ -78,6 +92,8 @@ class VLLMAdapter:
                 config[key] = new
                 notes.append(f"{key} {old}->{new}")
         self.config_note = f"{', '.join(notes)} (vLLM CPU attention needs head size >= {MIN_HEAD_DIM})" if notes else ""
+        if self.prefill_chunk:
+            self.config_note += f"; vLLM prefills {self.prefill_chunk} tokens per forward (chunked prefill)"
         return config
 
     def load(self, hf_config: Mapping, state_dict: Mapping[str, torch.Tensor], dtype: torch.dtype) -> None:
@@ -101,7 +117,7 @@ class VLLMAdapter:
         out = self._dir / "out.pt"
         out.unlink(missing_ok=True)
         request = {"model_dir": str(self._dir / "model"), "dtype": self.dtype, "prompts": batch.prompts(),
-                   "decode_steps": decode_steps, "out": str(out),
+                   "decode_steps": decode_steps, "prefill_chunk": self.prefill_chunk, "out": str(out),
                    "device": "cuda" if torch.cuda.is_available() else "cpu"}
         (self._dir / "request.json").write_text(json.dumps(request))
         env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
@@ -125,6 +141,7 @@ class VLLMAdapter:
     def run(self, batch: Batch) -> dict[str, torch.Tensor]:
         data = self._call(batch, self.decode_steps)
         rows = data["rows"]
+        self.environment["vllm_prefill_forwards"] = [r["prefill_calls"] for r in rows]
         self._greedy = (batch, self.decode_steps, [(r["greedy_tokens"], r["greedy_logprobs"]) for r in rows]
                         if self.decode_steps else [])
         return self._assemble(batch, [r["probes"] for r in rows])

@@ -3,7 +3,7 @@
 ``python -m harness.adapters.vllm_worker REQUEST.json`` reads::
 
     {"model_dir": ..., "dtype": "float32", "prompts": [[ids], ...], "decode_steps": 8,
-     "device": "cpu" | "cuda", "out": "result.pt"}
+     "prefill_chunk": null | tokens, "device": "cpu" | "cuda", "out": "result.pt"}
 
 and writes ``out`` with ``torch.save``: per prompt the probes (tokens, ...) captured by forward hooks,
 the full-vocabulary log-probabilities of every prompt position (``logits``: position i predicts
@@ -14,6 +14,9 @@ vLLM runs in this process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``, eager, no prefi
 on the engine's own model object see every layer. vLLM's Gemma 1-3 layers return ``(h, residual)``
 with the residual add fused into the next norm: the residual stream after layer i is ``h + residual``
 (one add in the model dtype, as the fused kernel does it). Gemma 4 layers return the stream itself.
+With ``prefill_chunk`` vLLM prefills each prompt that many tokens per forward (chunked prefill, each
+chunk attending to the cached keys of the earlier ones); the hooks then see one call per chunk and
+the probes are their concatenation.
 """
 
 from __future__ import annotations
@@ -38,7 +41,7 @@ class Capture:
 
     def __init__(self, model: torch.nn.Module, top_k: int = 0):
         self.top_k = top_k  # experts per token (MoE models)
-        self.probes: dict[str, torch.Tensor] = {}
+        self.probes: dict[str, list[torch.Tensor]] = {}  # one (tokens, ...) tensor per forward call
         self.on = False
         inner = model.model
         layers = list(inner.layers)
@@ -63,7 +66,7 @@ class Capture:
 
     def _keep(self, name, value):
         if self.on and value is not None:
-            self.probes[name] = value.detach().clone()
+            self.probes.setdefault(name, []).append(value.detach().clone())
 
     def _post(self, module, name, pick=_first):
         self._hooks.append(module.register_forward_hook(lambda m, a, out: self._keep(name, pick(out))))
@@ -113,9 +116,11 @@ def main(request_path: str) -> None:
     longest = max(len(p) for p in prompts) + request["decode_steps"] + 1
     config = json.loads(open(os.path.join(request["model_dir"], "config.json")).read())
     vocab = int(config["vocab_size"])
+    chunk = request.get("prefill_chunk")
     llm = LLM(model=request["model_dir"], dtype=request["dtype"], enforce_eager=True, enable_prefix_caching=False,
               max_model_len=max(longest, 64), max_num_seqs=1, max_logprobs=-1, seed=0,
-              max_num_batched_tokens=max(longest, 64), gpu_memory_utilization=0.3)
+              enable_chunked_prefill=bool(chunk), max_num_batched_tokens=chunk or max(longest, 64),
+              gpu_memory_utilization=0.3)
     loaded = time.perf_counter()
     captures = llm.apply_model(lambda model: Capture(model, int(config.get("top_k_experts") or 0)))
     capture = captures[0] if isinstance(captures, list) else captures
@@ -130,16 +135,17 @@ def main(request_path: str) -> None:
         capture.on = False
         n = len(ids)
         probes = {}
-        for name, value in capture.probes.items():
-            if value.shape[0] < n:
-                raise RuntimeError(f"probe {name} captured {value.shape[0]} tokens, expected {n} "
-                                   "(prefill split into chunks?)")
-            probes[name] = value[:n].float().cpu()
+        for name, parts in capture.probes.items():
+            value = torch.cat(parts)
+            if value.shape[0] != n:
+                raise RuntimeError(f"probe {name} captured {value.shape[0]} tokens over {len(parts)} forward calls, "
+                                   f"expected {n}")
+            probes[name] = value.float().cpu()
         # prompt_logprobs[i] is log p(token i | tokens < i): position i - 1's prediction; [0] is None.
         prompt = _dense(out.prompt_logprobs[1:], vocab)
         last = _dense(out.outputs[0].logprobs[:1], vocab)
         probes["logits"] = torch.cat([prompt, last])
-        results.append({"probes": probes})
+        results.append({"probes": probes, "prefill_calls": len(capture.probes["embed"])})
     prefilled = time.perf_counter()
 
     steps = request["decode_steps"]
