@@ -9,7 +9,7 @@ is judged on the same context, and:
 * the candidate's log-probabilities per step must match the reference's within the dtype's ``logits``
   limits (max_rel, rel_rms, kl_max), which judges the candidate's cache and decode path;
 * each generated token must be the argmax of the candidate's own log-probabilities (greedy sampling);
-* steps where the reference would have picked another token are counted (``tokens_flipped``) with
+* steps where the reference would have picked another token are counted (``greedy_flips``; not ``tokens_flipped``, which counts MoE expert flips) with
   the reference's own gap between the two (``flip_max_gap``): near-ties that pass the limits above.
 """
 
@@ -53,7 +53,7 @@ def judge_greedy(reference, prompts: list[list[int]], generated: list[tuple[torc
     steps = len(generated[0][0])
     if not torch.isfinite(cand).all():
         return ProbeResult(NAME, "nonfinite", tolerance=limits, note="non-finite log-probabilities while decoding")
-    metrics = _metrics(ref, cand, logits=True) | {"tokens_flipped": float(flips), "flip_max_gap": max(gaps),
+    metrics = _metrics(ref, cand, logits=True) | {"greedy_flips": float(flips), "flip_max_gap": max(gaps),
                                                   "not_greedy": float(not_greedy), "steps": float(ref.shape[0])}
     failures = [f"decode {key} {metrics[key]:.3g} > {limit:.3g}" for key, limit in limits.items()
                 if metrics.get(key, 0.0) > limit]
