@@ -51,10 +51,15 @@ def implementations(candidate_target):
     return impls
 
 
-def _setup(cfg: dict, seed: int = 0):
+def _setup(cfg: dict, implementations, seed: int = 0):
+    """(config, spec, random weights). An implementation that runs only a variant of the drawn config
+    (``prepare_config``: vLLM's head sizes) gets it, and so does everything else in the property."""
+    for _, factory in implementations:
+        prepare = getattr(factory(), "prepare_config", None)
+        cfg = prepare(cfg) if prepare else cfg
     note(f"config: {cfg}")
     spec = ModelSpec.from_hf_config(cfg)
-    return spec, random_state_dict(spec, seed)
+    return cfg, spec, random_state_dict(spec, seed)
 
 
 def _loaded(factory, cfg, state, dtype=torch.float32):
@@ -76,7 +81,7 @@ def _close(a: torch.Tensor, b: torch.Tensor, what: str) -> None:
 @given(data=st.data())
 def test_differential_every_probe(implementations, families, data):
     cfg = data.draw(S.any_config(families), label="config")
-    spec, state = _setup(cfg)
+    cfg, spec, state = _setup(cfg, implementations)
     batch = data.draw(S.batches(cfg))
     for name, factory in implementations:
         if name == "reference":
@@ -92,7 +97,7 @@ def test_differential_every_probe(implementations, families, data):
 @given(data=st.data())
 def test_causality(implementations, families, data):
     cfg = data.draw(S.any_config(families), label="config")
-    spec, state = _setup(cfg)
+    cfg, spec, state = _setup(cfg, implementations)
     batch = data.draw(S.batches(cfg, min_length=2))
     length = batch.input_ids.shape[1]
     t = data.draw(st.integers(1, length - 1), label="changed position")
@@ -114,7 +119,7 @@ def test_window_locality(implementations, families, data):
     if not any(f in ("gemma2", "gemma3_text") for f in families):
         pytest.skip("window locality needs an all-sliding model: Gemma 2 or 3")
     cfg = data.draw(S.all_sliding_config(families), label="config")
-    spec, state = _setup(cfg)
+    cfg, spec, state = _setup(cfg, implementations)
     reach = spec.num_layers * (spec.max_window - 1)  # how far back information can travel
     length = reach + data.draw(st.integers(2, 6), label="extra tokens")
     ids = torch.tensor([data.draw(st.lists(st.integers(0, S.VOCAB - 1), min_size=length, max_size=length))])
@@ -146,7 +151,7 @@ def _schedules(length: int, window: int):
 @given(data=st.data())
 def test_decode_matches_full_forward(implementations, families, data):
     cfg = data.draw(S.any_config(families), label="config")
-    spec, state = _setup(cfg)
+    cfg, spec, state = _setup(cfg, implementations)
     window = spec.max_window or 8
     batch = data.draw(S.batches(cfg, max_factor=4))
     schedule = data.draw(_schedules(batch.input_ids.shape[1], window), label="chunk schedule")
@@ -166,7 +171,7 @@ def test_decode_matches_full_forward(implementations, families, data):
 @given(data=st.data())
 def test_left_padding_matches_row_alone(implementations, families, data):
     cfg = data.draw(S.any_config(families), label="config")
-    spec, state = _setup(cfg)
+    cfg, spec, state = _setup(cfg, implementations)
     batch = data.draw(S.batches(cfg))
     for name, factory in implementations:
         first = padding_divergence(_loaded(factory, cfg, state), spec, batch)
@@ -183,7 +188,7 @@ def test_float16_scan_reports_first_nonfinite_probe(implementations, families, d
     from harness.scan import first_nonfinite
 
     cfg = data.draw(S.any_config(families), label="config")
-    spec, state = _setup(cfg)
+    cfg, spec, state = _setup(cfg, implementations)
     state = {k: (v * blowup if k.endswith("embed_tokens.weight") else v) for k, v in state.items()}
     batch = data.draw(S.batches(cfg))
     order = probe_names.for_spec(spec)

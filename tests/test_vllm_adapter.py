@@ -74,6 +74,12 @@ def test_vllm_variant_has_head_sizes_vllm_accepts(name):
     assert "head_dim 16->32" in adapter.config_note
 
 
+@pytest.mark.parametrize("head_dim, expected", [(8, 32), (16, 32), (24, 64), (32, 32), (48, 64), (72, 80), (256, 256)])
+def test_vllm_variant_head_size(head_dim, expected):
+    cfg = VLLMAdapter().prepare_config({**configs.hf_config("gemma-2b-tiny"), "head_dim": head_dim})
+    assert cfg["head_dim"] == expected
+
+
 def test_rows_are_sent_unpadded_and_put_back_in_place():
     spec = ModelSpec.from_hf_config(configs.hf_config("gemma-2b-tiny"))
     batch = make_batch(spec, seed=0)

@@ -41,7 +41,8 @@ from ..model_dir import write_model_dir
 from ..synthetic import Batch
 from .base import AdapterError
 
-MIN_HEAD_DIM = 32  # vLLM CPU attention: get_supported_head_sizes() = [32, 64, 80, ...]
+HEAD_SIZES = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)  # vLLM CPU attention's supported sizes
+MIN_HEAD_DIM = HEAD_SIZES[0]
 REPO_ROOT = Path(__file__).resolve().parents[2]
 _EXCEPTION_LINE = re.compile(r"^[\w.]*(Error|Exception|Exit|Interrupt)\b.*")
 
@@ -78,7 +79,8 @@ class VLLMAdapter:
         self._greedy: tuple[Batch, int, list] | None = None
 
     def prepare_config(self, hf_config: Mapping) -> dict:
-        """The twin with head dims doubled until vLLM's CPU attention accepts them (noted in the result)."""
+        """The twin with each head dim doubled until it reaches 32, then rounded up to a size vLLM's CPU
+        attention has (noted in the result)."""
         config = dict(hf_config)
         notes = []
         for key in ("head_dim", "global_head_dim"):
@@ -88,6 +90,7 @@ class VLLMAdapter:
             new = old
             while new < MIN_HEAD_DIM:
                 new *= 2
+            new = min((size for size in HEAD_SIZES if size >= new), default=new)
             if new != old:
                 config[key] = new
                 notes.append(f"{key} {old}->{new}")
