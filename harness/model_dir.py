@@ -16,6 +16,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+CAUSAL_LM = {"gemma": "GemmaForCausalLM", "gemma2": "Gemma2ForCausalLM", "gemma3_text": "Gemma3ForCausalLM",
+             "gemma4_text": "Gemma4ForCausalLM"}  # model_type -> the class a checkpoint names
 SPECIAL = {"pad_token_id": "<pad>", "eos_token_id": "<eos>", "bos_token_id": "<bos>"}
 _DEFAULT_IDS = {"pad_token_id": 0, "eos_token_id": 1, "bos_token_id": 2}
 
@@ -68,6 +70,8 @@ def write_model_dir(path: str | Path, hf_config: Mapping, state_dict: Mapping[st
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     config = dict(hf_config)
+    if not config.get("architectures") and config.get("model_type") in CAUSAL_LM:
+        config["architectures"] = [CAUSAL_LM[config["model_type"]]]  # loaders pick the model class by it
     config["torch_dtype"] = config["dtype"] = str(dtype).removeprefix("torch.")
     (path / "config.json").write_text(json.dumps(config, indent=1))
     save_file({name: t.detach().to(dtype).contiguous() for name, t in state_dict.items()},

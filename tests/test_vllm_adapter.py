@@ -28,6 +28,10 @@ def test_model_dir_round_trips_config_and_weights(tmp_path):
     path = model_dir.write_model_dir(tmp_path / "m", cfg, state, torch.bfloat16)
     written = json.loads((path / "config.json").read_text())
     assert {k: written[k] for k in cfg} == cfg and written["torch_dtype"] == "bfloat16"
+    assert written["architectures"] == ["Gemma3ForCausalLM"]
+    bare = {k: v for k, v in cfg.items() if k != "architectures"}  # e.g. a config drawn by the suites
+    assert json.loads((model_dir.write_model_dir(tmp_path / "b", bare, state) / "config.json").read_text())[
+        "architectures"] == ["Gemma3ForCausalLM"]
     loaded = load_file(str(path / "model.safetensors"))
     assert set(loaded) == set(state)
     assert all(torch.equal(loaded[k], state[k].to(torch.bfloat16)) for k in state)
@@ -72,12 +76,22 @@ def test_vllm_variant_has_head_sizes_vllm_accepts(name):
     assert [(lyr.attention, lyr.window, lyr.num_heads, lyr.num_kv_heads) for lyr in spec.layers] == \
         [(lyr.attention, lyr.window, lyr.num_heads, lyr.num_kv_heads) for lyr in original.layers]
     assert "head_dim 16->32" in adapter.config_note
+    if original.layers[-1].head_dim != original.layers[0].head_dim:  # Gemma 4: global layers keep a wider head
+        assert spec.layers[-1].head_dim == 2 * spec.layers[0].head_dim == 64
 
 
 @pytest.mark.parametrize("head_dim, expected", [(8, 32), (16, 32), (24, 64), (32, 32), (48, 64), (72, 80), (256, 256)])
 def test_vllm_variant_head_size(head_dim, expected):
     cfg = VLLMAdapter().prepare_config({**configs.hf_config("gemma-2b-tiny"), "head_dim": head_dim})
     assert cfg["head_dim"] == expected
+
+
+def test_vllm_variant_moe_hidden_size():
+    adapter = VLLMAdapter()
+    cfg = adapter.prepare_config({**configs.hf_config("gemma-4-26b-a4b-tiny"), "hidden_size": 48})
+    assert cfg["hidden_size"] == 64 and "hidden_size 48->64" in adapter.config_note
+    dense = adapter.prepare_config({**configs.hf_config("gemma-4-31b-tiny"), "hidden_size": 48})
+    assert dense["hidden_size"] == 48  # only the MoE kernel needs it
 
 
 def test_rows_are_sent_unpadded_and_put_back_in_place():

@@ -14,7 +14,8 @@ What differs from the other adapters, and is reported as such:
 * ``logits`` are vLLM's log-probabilities (``logits_form = "logprobs"``): the gate compares them with
   the reference's log-softmax;
 * vLLM's CPU attention supports head sizes 32, 64, 80, ... only, so :meth:`prepare_config` doubles
-  the head dims of a twin until they reach 32 (the twins use 16); the result says so;
+  the head dims of a twin until they reach 32 (the twins use 16), and its CPU MoE kernel needs a
+  hidden size divisible by 32; the result says so;
 * ``prefill_chunk=N`` makes vLLM prefill N tokens per forward (chunked prefill), so the probes and
   log-probs of later chunks come through vLLM's KV cache: a cache property, judged probe by probe.
 
@@ -43,6 +44,7 @@ from .base import AdapterError
 
 HEAD_SIZES = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)  # vLLM CPU attention's supported sizes
 MIN_HEAD_DIM = HEAD_SIZES[0]
+MOE_HIDDEN_ALIGNMENT = 32  # vLLM CPU MoE experts: hidden size divisible by 32 (CPUExpertsBase.output_alignment)
 REPO_ROOT = Path(__file__).resolve().parents[2]
 _EXCEPTION_LINE = re.compile(r"^[\w.]*(Error|Exception|Exit|Interrupt)\b.*")
 
@@ -79,22 +81,28 @@ class VLLMAdapter:
         self._greedy: tuple[Batch, int, list] | None = None
 
     def prepare_config(self, hf_config: Mapping) -> dict:
-        """The twin with each head dim doubled until it reaches 32, then rounded up to a size vLLM's CPU
-        attention has (noted in the result)."""
+        """The twin with its head dims doubled (all by the same factor) until the smallest reaches 32, each
+        rounded up to a size vLLM's CPU attention has, and (MoE) the hidden size rounded up to a multiple
+        of 32. Noted in the result."""
         config = dict(hf_config)
         notes = []
-        for key in ("head_dim", "global_head_dim"):
-            old = config.get(key)
-            if not old:
-                continue
-            new = old
-            while new < MIN_HEAD_DIM:
-                new *= 2
-            new = min((size for size in HEAD_SIZES if size >= new), default=new)
+        keys = [key for key in ("head_dim", "global_head_dim") if config.get(key)]
+        factor = 1  # one factor for every head geometry, so Gemma 4's local and global sizes stay distinct
+        while keys and min(config[key] for key in keys) * factor < MIN_HEAD_DIM:
+            factor *= 2
+        for key in keys:
+            old = config[key]
+            new = min((size for size in HEAD_SIZES if size >= old * factor), default=old * factor)
             if new != old:
                 config[key] = new
                 notes.append(f"{key} {old}->{new}")
-        self.config_note = f"{', '.join(notes)} (vLLM CPU attention needs head size >= {MIN_HEAD_DIM})" if notes else ""
+        why = [f"vLLM CPU attention has head sizes {', '.join(map(str, HEAD_SIZES[:3]))}, ..."] if notes else []
+        hidden = config.get("hidden_size", 0)
+        if config.get("enable_moe_block") and hidden % MOE_HIDDEN_ALIGNMENT:
+            config["hidden_size"] = hidden + MOE_HIDDEN_ALIGNMENT - hidden % MOE_HIDDEN_ALIGNMENT
+            notes.append(f"hidden_size {hidden}->{config['hidden_size']}")
+            why.append(f"its CPU MoE kernel needs hidden % {MOE_HIDDEN_ALIGNMENT} == 0")
+        self.config_note = f"{', '.join(notes)} ({'; '.join(why)})" if notes else ""
         if self.prefill_chunk:
             self.config_note += f"; vLLM prefills {self.prefill_chunk} tokens per forward (chunked prefill)"
         return config

@@ -102,7 +102,7 @@ def _dense(logprobs, vocab: int) -> torch.Tensor:
         if torch.isnan(row).any():
             raise RuntimeError(f"vLLM returned log-probabilities for {int((~torch.isnan(row)).sum())} of {vocab} ids")
         rows.append(row)
-    return torch.stack(rows)
+    return torch.stack(rows) if rows else torch.empty(0, vocab)  # a 1-token prompt has no prompt log-probs
 
 
 def main(request_path: str) -> None:
@@ -117,7 +117,7 @@ def main(request_path: str) -> None:
     config = json.loads(open(os.path.join(request["model_dir"], "config.json")).read())
     vocab = int(config["vocab_size"])
     chunk = request.get("prefill_chunk")
-    llm = LLM(model=request["model_dir"], dtype=request["dtype"], enforce_eager=True, enable_prefix_caching=False,
+    llm = LLM(model=request["model_dir"], runner="generate", dtype=request["dtype"], enforce_eager=True, enable_prefix_caching=False,
               max_model_len=max(longest, 64), max_num_seqs=1, max_logprobs=-1, seed=0,
               enable_chunked_prefill=bool(chunk), max_num_batched_tokens=chunk or max(longest, 64),
               gpu_memory_utilization=0.3)
