@@ -35,15 +35,17 @@ class Expected:
 
 
 EXPECTED_FAILURES: dict[tuple[str, str], Expected] = {
-    # Not a vLLM bug: bf16 rounding spread on the most chaotic twin. Measured 2026-11-26 (vLLM 0.32.0
-    # CPU): logits KL 1.65 > 1.5 (calibrated worst between correct implementations: 0.61), with no
-    # layer out of line: at every hidden probe vLLM's bf16 rel_rms error against the float64 reference
-    # is 0.8-1.4x the reference's own bf16 error (layers.9.out 0.054 vs 0.041), growing smoothly with
-    # depth; KL(float64 || vLLM) 0.76 vs KL(float64 || reference bf16) 0.15. Float32 passes (worst
-    # probe 0.34 of tolerance). Gate Gemma 4 numerics in float32.
-    ("gemma-4-e2b-tiny", "bfloat16"): Expected(
-        "bf16 rounding spread of vLLM's kernels on the chaotic Gemma 4 E2B twin exceeds the logits KL "
-        "limit; every hidden probe within tolerance, float32 passes", frozenset({"logits", "decode"}), "kl_max"),
+    # Not a vLLM bug: bf16 chaos of the MoE twin over a greedy continuation. Measured 2026-11-26 (vLLM
+    # 0.32.0 CPU): the prefill passes at every probe (logits KL 0.19, near-tie expert flips judged
+    # with vLLM's routing), float32 passes everywhere (decode max_rel 3.7e-6). Decode, row 0: KL 3.55 >
+    # 1.5, rel_rms 0.16 > 0.15. The reference in bf16 is as far from a float64 reference on the same
+    # tokens as vLLM is: per step KL(float64 || vLLM) 0.09-4.5, KL(float64 || reference bf16)
+    # 0.6-5.4; neither follows float64's greedy choice (137 491 491 137 124 150 150 124). Decode
+    # steps are not routed as vLLM was (its routing is only captured during the prefill), so expert
+    # flips there are not factored out. Gate Gemma 4 MoE in float32.
+    ("gemma-4-26b-a4b-tiny", "bfloat16"): Expected(
+        "bf16 decode on the chaotic Gemma 4 MoE twin: the reference's own bf16 decode is as far from "
+        "float64 as vLLM's; prefill and float32 pass", frozenset({"decode"}), "kl_max"),
 }
 
 
