@@ -128,8 +128,7 @@ class VLLMAdapter:
         out = self._dir / "out.pt"
         out.unlink(missing_ok=True)
         request = {"model_dir": str(self._dir / "model"), "dtype": self.dtype, "prompts": batch.prompts(),
-                   "decode_steps": decode_steps, "prefill_chunk": self.prefill_chunk, "out": str(out),
-                   "device": "cuda" if torch.cuda.is_available() else "cpu"}
+                   "decode_steps": decode_steps, "prefill_chunk": self.prefill_chunk, "out": str(out)}
         (self._dir / "request.json").write_text(json.dumps(request))
         env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
                "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))}

@@ -3,7 +3,7 @@
 ``python -m harness.adapters.vllm_worker REQUEST.json`` reads::
 
     {"model_dir": ..., "dtype": "float32", "prompts": [[ids], ...], "decode_steps": 8,
-     "prefill_chunk": null | tokens, "device": "cpu" | "cuda", "out": "result.pt"}
+     "prefill_chunk": null | tokens, "out": "result.pt"}
 
 and writes ``out`` with ``torch.save``: per prompt the probes (tokens, ...) captured by forward hooks,
 the full-vocabulary log-probabilities of every prompt position (``logits``: position i predicts
@@ -157,11 +157,12 @@ def main(request_path: str) -> None:
             result["greedy_logprobs"] = _dense(out.logprobs, vocab)
     done = time.perf_counter()
     import transformers
+    from vllm.platforms import current_platform
 
     torch.save({
         "rows": results,
         "environment": {"vllm": vllm.__version__, "vllm_transformers": transformers.__version__,
-                        "vllm_torch": str(torch.__version__), "vllm_device": request.get("device", "cpu")},
+                        "vllm_torch": str(torch.__version__), "vllm_device": current_platform.device_type},
         "timings": {"engine_start_s": loaded - started, "prefill_s": prefilled - loaded, "decode_s": done - prefilled},
     }, request["out"])
 
