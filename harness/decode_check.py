@@ -22,6 +22,7 @@ from .synthetic import Batch
 from .tolerance import Tolerance
 
 NAME = "decode"
+DECODE_STEPS = 8  # greedy steps judged for candidates that generate
 
 
 def reference_logprobs(reference, prompt: list[int], tokens: torch.Tensor) -> torch.Tensor:

@@ -15,11 +15,9 @@ from reference_impl.spec import ModelSpec
 from . import probes as probe_names
 from .adapters import Adapter, AdapterError, ReferenceAdapter, resolve
 from .compare import ProbeResult, compare_probe, routing_flips
-from .decode_check import judge_greedy
+from .decode_check import DECODE_STEPS, judge_greedy
 from .synthetic import Batch, make_batch, random_state_dict
 from .tolerance import DTYPES, Tolerance, tolerance_for
-
-DECODE_STEPS = 8  # greedy steps judged for candidates that generate (see harness.decode_check)
 
 
 @dataclass

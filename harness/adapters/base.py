@@ -27,6 +27,18 @@ class Adapter(Protocol):
     def run(self, batch: Batch) -> dict[str, torch.Tensor]: ...
 
 
+def feed_in_chunks(batch: Batch, chunks: list[int], step) -> dict[str, torch.Tensor]:
+    """Run ``step(ids, mask_so_far, positions) -> probes`` on consecutive chunks of the batch (a
+    prefill, then steps) and return every probe concatenated over the chunks. The step carries the
+    implementation's cache from one chunk to the next."""
+    parts, start = [], 0
+    for size in chunks:
+        end = start + size
+        parts.append(step(batch.input_ids[:, start:end], batch.attention_mask[:, :end], batch.position_ids[:, start:end]))
+        start = end
+    return {name: torch.cat([p[name] for p in parts], dim=1) for name in parts[0]}
+
+
 def _import_object(target: str):
     module_name, sep, attr = target.partition(":")
     if not sep or not module_name or not attr:

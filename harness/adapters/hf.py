@@ -17,7 +17,7 @@ from collections.abc import Mapping
 import torch
 
 from ..synthetic import Batch
-from .base import AdapterError
+from .base import AdapterError, feed_in_chunks
 
 
 @contextlib.contextmanager
@@ -115,14 +115,14 @@ class HFCausalLMAdapter:
         """Feed the batch through the model's own cache, ``chunks`` tokens at a time (a prefill, then
         steps), the way ``generate`` drives it: ``past_key_values`` + ``use_cache=True``, the attention
         mask covering everything so far. Returns every probe, concatenated over the chunks."""
-        parts, past, start = [], None, 0
-        for size in chunks:
-            end = start + size
-            captured, past = self._forward(batch.input_ids[:, start:end], batch.attention_mask[:, :end],
-                                           batch.position_ids[:, start:end], past=past, use_cache=True)
-            parts.append(captured)
-            start = end
-        return {name: torch.cat([p[name] for p in parts], dim=1) for name in parts[0]}
+        past = None
+
+        def step(ids, mask, positions):
+            nonlocal past
+            captured, past = self._forward(ids, mask, positions, past=past, use_cache=True)
+            return captured
+
+        return feed_in_chunks(batch, chunks, step)
 
     def _forward(self, ids, mask, positions, past=None, use_cache=False):
         captured: dict[str, torch.Tensor] = {}

@@ -9,6 +9,7 @@ from reference_impl.spec import ModelSpec
 from reference_impl.weights import build
 
 from ..synthetic import Batch
+from .base import feed_in_chunks
 
 
 class ReferenceAdapter:
@@ -29,14 +30,14 @@ class ReferenceAdapter:
     def decode(self, batch: Batch, chunks: list[int]) -> dict[str, torch.Tensor]:
         """Feed the batch through the reference KV cache, ``chunks`` tokens at a time; every probe,
         concatenated over the chunks."""
-        cache, parts, start = KVCache.for_model(self.model.spec), [], 0
-        for size in chunks:
-            end, capture = start + size, {}
-            self.model(batch.input_ids[:, start:end], batch.attention_mask[:, :end], batch.position_ids[:, start:end],
-                       cache=cache, capture=capture)
-            parts.append(capture)
-            start = end
-        return {name: torch.cat([p[name] for p in parts], dim=1) for name in parts[0]}
+        cache = KVCache.for_model(self.model.spec)
+
+        def step(ids, mask, positions):
+            capture: dict[str, torch.Tensor] = {}
+            self.model(ids, mask, positions, cache=cache, capture=capture)
+            return capture
+
+        return feed_in_chunks(batch, chunks, step)
 
     @torch.no_grad()
     def route(self, layer: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

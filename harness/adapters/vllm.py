@@ -38,6 +38,7 @@ from pathlib import Path
 
 import torch
 
+from ..decode_check import DECODE_STEPS
 from ..model_dir import write_model_dir
 from ..synthetic import Batch
 from .base import AdapterError
@@ -70,7 +71,7 @@ class VLLMAdapter:
     name = "vllm"
     logits_form = "logprobs"
 
-    def __init__(self, decode_steps: int = 8, timeout_s: float = 600.0, python: str | None = None,
+    def __init__(self, decode_steps: int = DECODE_STEPS, timeout_s: float = 600.0, python: str | None = None,
                  prefill_chunk: int | None = None):
         self.decode_steps, self.timeout_s, self.prefill_chunk = decode_steps, timeout_s, prefill_chunk
         self.python = python or os.environ.get("GEMMA_HARNESS_VLLM_PYTHON") or sys.executable
@@ -152,17 +153,20 @@ class VLLMAdapter:
         data = self._call(batch, self.decode_steps)
         rows = data["rows"]
         self.environment["vllm_prefill_forwards"] = [r["prefill_calls"] for r in rows]
-        self._greedy = (batch, self.decode_steps, [(r["greedy_tokens"], r["greedy_logprobs"]) for r in rows]
-                        if self.decode_steps else [])
+        self._greedy = (batch, self.decode_steps, self._continuations(rows) if self.decode_steps else [])
         return self._assemble(batch, [r["probes"] for r in rows])
 
     def generate(self, batch: Batch, steps: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Greedy continuation of each row: (tokens (steps,), full-vocabulary log-probs (steps, V))."""
         cached = self._greedy
         if cached is None or cached[0] is not batch or cached[1] < steps:
-            cached = (batch, steps, [(r["greedy_tokens"], r["greedy_logprobs"]) for r in self._call(batch, steps)["rows"]])
+            cached = (batch, steps, self._continuations(self._call(batch, steps)["rows"]))
             self._greedy = cached
         return [(tokens[:steps], logprobs[:steps]) for tokens, logprobs in cached[2]]
+
+    @staticmethod
+    def _continuations(rows: list[dict]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        return [(r["greedy_tokens"], r["greedy_logprobs"]) for r in rows]
 
     @staticmethod
     def _assemble(batch: Batch, rows: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:

@@ -31,9 +31,7 @@ os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB; tiny models need li
 
 import torch  # noqa: E402
 
-
-def _first(x):
-    return x[0] if isinstance(x, (tuple, list)) else x
+from .hf import _first  # noqa: E402
 
 
 class Capture:
