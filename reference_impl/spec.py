@@ -13,9 +13,10 @@ Each generation is written as a small diff on the previous one, like HF's ``modu
 * Gemma 3: + QK-norm, 5:1 sliding/global pattern, a RoPE base (and linear scaling) per layer
   type, no attention softcap (HF ignores the config field; so do we).
 * Gemma 4: RMSNorm is ``x * w`` (not ``1 + w``) via ``pow(ms + eps, -0.5)``; attention scale 1.0 with
-  a scale-free V norm; global layers get their own head dim, KV heads and proportional RoPE, and
-  K=V where configured; optional MoE beside the dense MLP, per-layer embeddings (PLE), KV-shared
-  tail layers (double-wide MLP there where configured), a per-layer ``layer_scalar``.
+  a scale-free V norm; the last layer always global; global layers get their own head dim, KV heads
+  and proportional RoPE, and K=V where configured; optional MoE beside the dense MLP, per-layer
+  embeddings (PLE), KV-shared tail layers (double-wide MLP there where configured), a per-layer
+  ``layer_scalar``.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
+from enum import Enum
 from typing import Any
 
 
@@ -30,9 +32,28 @@ class ConfigError(ValueError):
     """A model config that cannot describe a Gemma model; the message names the field."""
 
 
-SLIDING = "sliding"
-GLOBAL = "global"
+class AttentionType(str, Enum):
+    """A layer's attention: over every earlier position, or over a sliding window of them.
+
+    A ``str``: ``AttentionType.GLOBAL == "global"``, and it formats as its value in messages.
+    """
+
+    GLOBAL = "global"
+    LOCAL_SLIDING = "sliding"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+SLIDING = AttentionType.LOCAL_SLIDING
+GLOBAL = AttentionType.GLOBAL
 _HF_LAYER_TYPES = {"sliding_attention": SLIDING, "full_attention": GLOBAL}
+
+# Each generation's default layer pattern, repeated over the layers by make_attention_layers_types; an explicit
+# HF layer_types list wins over it.
+GEMMA2_ATTENTION_PATTERN = (AttentionType.LOCAL_SLIDING, AttentionType.GLOBAL)
+GEMMA3_ATTENTION_PATTERN = (AttentionType.LOCAL_SLIDING,) * 5 + (AttentionType.GLOBAL,)  # length: sliding_window_pattern
+GEMMA4_ATTENTION_PATTERN = GEMMA3_ATTENTION_PATTERN  # and the last layer is global wherever the pattern ends
 
 
 @dataclass(frozen=True)
@@ -64,7 +85,7 @@ class PLESpec:
 @dataclass(frozen=True)
 class LayerSpec:
     index: int
-    attention: str  # SLIDING or GLOBAL
+    attention: AttentionType
     window: int | None  # keys visible to a query, itself included; None = unlimited
     num_heads: int
     num_kv_heads: int
@@ -91,7 +112,7 @@ class LayerSpec:
 
 @dataclass(frozen=True)
 class ModelSpec:
-    family: str  # HF model_type: gemma, gemma2, gemma3_text
+    family: str  # HF model_type: gemma, gemma2, gemma3_text, gemma4_text
     vocab_size: int
     hidden_size: int
     layers: tuple[LayerSpec, ...]
@@ -143,6 +164,11 @@ class _Fields:
 
     def get(self, key: str, default: Any = None) -> Any:
         return self.config.get(key, default)
+
+    def without(self, *keys: str) -> _Fields:
+        """These fields with ``keys`` absent: what a generation hides from the one it extends because it reads
+        them differently or not at all (like ``del`` in HF's modular files), so the parent takes its defaults."""
+        return _Fields({key: value for key, value in self.config.items() if key not in keys})
 
     def int(self, key: str, default: int | None = None, minimum: int = 1) -> int:
         value = self.config.get(key, default)
@@ -197,21 +223,45 @@ def _rope(params: Any, key: str) -> RopeSpec:
     raise ConfigError(f"config field {key}.rope_type {rope_type!r} is not supported (default, linear, proportional)")
 
 
-def _layer_types(f: _Fields, n_layers: int, default_rule) -> list[str]:
+def make_attention_layers_types(pattern: tuple[AttentionType, ...], num_layers: int) -> tuple[AttentionType, ...]:
+    """``pattern`` repeated over ``num_layers`` layers (cut short at the end), as in the JAX ``gemma`` library."""
+    if not pattern:
+        raise ValueError("an attention pattern needs at least one layer type")
+    return tuple(pattern[i % len(pattern)] for i in range(num_layers))
+
+
+def _layer_types(f: _Fields, default: tuple[AttentionType, ...]) -> tuple[AttentionType, ...]:
+    """HF's explicit ``layer_types`` list, checked, if the config has one; else the generation's ``default``."""
     types = f.get("layer_types")
     if types is None:
-        return [default_rule(i) for i in range(n_layers)]
-    if not isinstance(types, (list, tuple)) or len(types) != n_layers:
-        raise ConfigError(f"config field 'layer_types' must list {n_layers} entries, got {types!r}")
-    out = []
+        return default
+    if not isinstance(types, (list, tuple)) or len(types) != len(default):
+        raise ConfigError(f"config field 'layer_types' must list {len(default)} entries, got {types!r}")
     for i, t in enumerate(types):
         if t not in _HF_LAYER_TYPES:
             raise ConfigError(f"config field layer_types[{i}] is {t!r}; expected one of {sorted(_HF_LAYER_TYPES)}")
-        out.append(_HF_LAYER_TYPES[t])
-    return out
+    return tuple(_HF_LAYER_TYPES[t] for t in types)
 
 
-def _base(f: _Fields, *, activation_key: str) -> dict[str, Any]:
+def _with_layers(spec: ModelSpec, **changes: Any) -> ModelSpec:
+    """``spec`` with every layer ``replace``d; each change is a value, or a function of the layer as it was."""
+    return replace(spec, layers=tuple(
+        replace(layer, **{name: change(layer) if callable(change) else change for name, change in changes.items()})
+        for layer in spec.layers
+    ))
+
+
+def _with_attention(spec: ModelSpec, types: tuple[AttentionType, ...], window: int) -> ModelSpec:
+    """Layer ``i`` gets attention ``types[i]``: sliding layers see ``window`` keys, global layers all of them."""
+    return _with_layers(
+        spec,
+        attention=lambda layer: types[layer.index],
+        window=lambda layer: window if types[layer.index] == SLIDING else None,
+    )
+
+
+def _derive_gemma(f: _Fields) -> ModelSpec:
+    """Gemma 1: every layer global, scale ``head_dim**-0.5``, two norms per block."""
     n_heads = f.int("num_attention_heads")
     n_kv = f.int("num_key_value_heads", n_heads)
     if n_heads % n_kv:
@@ -219,65 +269,60 @@ def _base(f: _Fields, *, activation_key: str) -> dict[str, Any]:
     hidden = f.int("hidden_size")
     if f.get("attention_bias"):
         raise ConfigError("config field 'attention_bias' is true; Gemma attention has no biases")
-    return dict(
-        hidden=hidden,
-        n_layers=f.int("num_hidden_layers"),
-        n_heads=n_heads,
-        n_kv=n_kv,
-        head_dim=f.int("head_dim", 256),  # HF's default for Gemma 1-3 (not hidden // heads)
-        intermediate=f.int("intermediate_size"),
-        activation=_activation(f.get(activation_key, "gelu_pytorch_tanh"), activation_key),
-        model=dict(
-            family=f.get("model_type"),
-            vocab_size=f.int("vocab_size"),
-            hidden_size=hidden,
-            rms_norm_eps=f.positive("rms_norm_eps", 1e-6),
-            norm_offset=1.0,
-            tie_embeddings=bool(f.get("tie_word_embeddings", True)),
-            max_position_embeddings=f.int("max_position_embeddings", 8192),
-            pad_token_id=f.get("pad_token_id", 0),
-            bos_token_id=f.get("bos_token_id", 2),
-            eos_token_id=f.get("eos_token_id", 1),
+    n_layers = f.int("num_hidden_layers")
+    head_dim = f.int("head_dim", 256)  # HF's default for Gemma 1-3 (not hidden // heads)
+    intermediate = f.int("intermediate_size")
+    activation = _activation(f.get("hidden_act", "gelu_pytorch_tanh"), "hidden_act")
+    if activation == "gelu":  # HF rewrites the legacy hidden_act="gelu" of the official Gemma 1 configs to tanh
+        activation = "gelu_tanh"
+    rope_params = f.get("rope_parameters") or {"rope_type": "default", "rope_theta": f.get("rope_theta", 10000.0)}
+    rope = _rope(rope_params, "rope_parameters")
+    return ModelSpec(
+        family=f.get("model_type"),
+        vocab_size=f.int("vocab_size"),
+        hidden_size=hidden,
+        rms_norm_eps=f.positive("rms_norm_eps", 1e-6),
+        norm_offset=1.0,
+        activation=activation,
+        final_softcap=None,
+        tie_embeddings=bool(f.get("tie_word_embeddings", True)),
+        max_position_embeddings=f.int("max_position_embeddings", 8192),
+        pad_token_id=f.get("pad_token_id", 0),
+        bos_token_id=f.get("bos_token_id", 2),
+        eos_token_id=f.get("eos_token_id", 1),
+        layers=tuple(
+            LayerSpec(
+                index=i, attention=GLOBAL, window=None,
+                num_heads=n_heads, num_kv_heads=n_kv, head_dim=head_dim,
+                query_scale=head_dim**-0.5, attn_softcap=None, qk_norm=False, rope=rope,
+                intermediate_size=intermediate, sandwich_norms=False,
+            )
+            for i in range(n_layers)
         ),
     )
 
 
-def _derive_gemma(f: _Fields) -> ModelSpec:
-    b = _base(f, activation_key="hidden_act")
-    # HF rewrites the legacy hidden_act="gelu" of the official Gemma 1 configs to the tanh form.
-    activation = "gelu_tanh" if b["activation"] == "gelu" else b["activation"]
-    rope = _rope(f.get("rope_parameters") or {"rope_type": "default", "rope_theta": f.get("rope_theta", 10000.0)}, "rope_parameters")
-    layers = tuple(
-        LayerSpec(
-            index=i, attention=GLOBAL, window=None,
-            num_heads=b["n_heads"], num_kv_heads=b["n_kv"], head_dim=b["head_dim"],
-            query_scale=b["head_dim"] ** -0.5, attn_softcap=None, qk_norm=False, rope=rope,
-            intermediate_size=b["intermediate"], sandwich_norms=False,
-        )
-        for i in range(b["n_layers"])
-    )
-    return ModelSpec(layers=layers, activation=activation, final_softcap=None, **b["model"])
-
-
 def _derive_gemma2(f: _Fields) -> ModelSpec:
-    b = _base(f, activation_key="hidden_activation")
-    window = f.int("sliding_window", 4096)
-    types = _layer_types(f, b["n_layers"], lambda i: SLIDING if (i + 1) % 2 else GLOBAL)
-    rope = _rope(f.get("rope_parameters") or {"rope_type": "default", "rope_theta": f.get("rope_theta", 10000.0)}, "rope_parameters")
-    layers = tuple(
-        LayerSpec(
-            index=i, attention=t, window=window if t == SLIDING else None,
-            num_heads=b["n_heads"], num_kv_heads=b["n_kv"], head_dim=b["head_dim"],
-            query_scale=f.positive("query_pre_attn_scalar", 256) ** -0.5,
-            attn_softcap=f.float("attn_logit_softcapping", 50.0), qk_norm=False, rope=rope,
-            intermediate_size=b["intermediate"], sandwich_norms=True,
-        )
-        for i, t in enumerate(types)
+    """Gemma 2 = Gemma 1 + alternating sliding/global layers, ``query_pre_attn_scalar``, attention and final
+    logit softcaps, sandwich norms."""
+    # Gemma 2 reads its activation from hidden_activation (and keeps "gelu" exact): Gemma 1's hidden_act is not read.
+    gemma1 = _derive_gemma(f.without("hidden_act"))
+    types = _layer_types(f, make_attention_layers_types(GEMMA2_ATTENTION_PATTERN, gemma1.num_layers))
+    spec = _with_attention(gemma1, types, window=f.int("sliding_window", 4096))
+    spec = _with_layers(
+        spec,
+        query_scale=f.positive("query_pre_attn_scalar", 256) ** -0.5,
+        attn_softcap=f.float("attn_logit_softcapping", 50.0),
+        sandwich_norms=True,
     )
-    return ModelSpec(layers=layers, activation=b["activation"], final_softcap=f.float("final_logit_softcapping", 30.0), **b["model"])
+    return replace(
+        spec,
+        activation=_activation(f.get("hidden_activation", "gelu_pytorch_tanh"), "hidden_activation"),
+        final_softcap=f.float("final_logit_softcapping", 30.0),
+    )
 
 
-def _ropes_per_type(f: _Fields) -> dict[str, RopeSpec]:
+def _ropes_per_type(f: _Fields) -> dict[AttentionType, RopeSpec]:
     params = f.get("rope_parameters")
     if isinstance(params, Mapping) and "sliding_attention" in params and "full_attention" in params:
         return {
@@ -295,28 +340,21 @@ def _ropes_per_type(f: _Fields) -> dict[str, RopeSpec]:
 
 
 def _derive_gemma3(f: _Fields) -> ModelSpec:
-    b = _base(f, activation_key="hidden_activation")
+    """Gemma 3 = Gemma 2 + QK-norm, a 5:1 sliding/global pattern, a RoPE per layer type, no attention softcap."""
+    # Gemma 3 reads RoPE per layer type (below) and, like HF, ignores attn_logit_softcapping: hidden from Gemma 2.
+    gemma2 = _derive_gemma2(f.without("rope_parameters", "rope_theta", "attn_logit_softcapping"))
     if f.get("use_bidirectional_attention"):
         raise ConfigError("config field 'use_bidirectional_attention' is true (EmbeddingGemma); not supported")
-    window = f.int("sliding_window", 4096)
-    pattern = f.int("sliding_window_pattern", 6)
-    types = _layer_types(f, b["n_layers"], lambda i: SLIDING if (i + 1) % pattern else GLOBAL)
+    period = f.int("sliding_window_pattern", len(GEMMA3_ATTENTION_PATTERN))
+    pattern = (SLIDING,) * (period - 1) + (GLOBAL,)  # period 6: GEMMA3_ATTENTION_PATTERN
+    types = _layer_types(f, make_attention_layers_types(pattern, gemma2.num_layers))
     ropes = _ropes_per_type(f)
-    layers = tuple(
-        LayerSpec(
-            index=i, attention=t, window=window if t == SLIDING else None,
-            num_heads=b["n_heads"], num_kv_heads=b["n_kv"], head_dim=b["head_dim"],
-            query_scale=f.positive("query_pre_attn_scalar", 256) ** -0.5,
-            attn_softcap=None,  # HF Gemma 3 never applies attn_logit_softcapping
-            qk_norm=True, rope=ropes[t],
-            intermediate_size=b["intermediate"], sandwich_norms=True,
-        )
-        for i, t in enumerate(types)
-    )
-    return ModelSpec(layers=layers, activation=b["activation"], final_softcap=f.float("final_logit_softcapping"), **b["model"])
+    spec = _with_attention(gemma2, types, window=f.int("sliding_window", 4096))
+    spec = _with_layers(spec, qk_norm=True, rope=lambda layer: ropes[layer.attention], attn_softcap=None)
+    return replace(spec, final_softcap=f.float("final_logit_softcapping"))  # default None (Gemma 2: 30.0)
 
 
-def _gemma4_donors(types: list[str], n_shared: int) -> list[int | None]:
+def _gemma4_donors(types: tuple[AttentionType, ...], n_shared: int) -> list[int | None]:
     """The last ``n_shared`` layers reuse K/V of the last earlier layer of their own attention type."""
     first_shared = len(types) - n_shared
     donors: list[int | None] = [None] * len(types)
@@ -332,19 +370,20 @@ def _gemma4_donors(types: list[str], n_shared: int) -> list[int | None]:
 
 
 def _derive_gemma4(f: _Fields) -> ModelSpec:
-    b = _base(f, activation_key="hidden_activation")
+    """Gemma 4 = Gemma 3 + ``x * w`` RMSNorm via ``pow``, attention scale 1.0 with a V norm, its own head dim, KV
+    heads and K=V on global layers, KV-shared tail layers, MoE, PLE, a per-layer scalar."""
+    # Gemma 4 has no query_pre_attn_scalar (scale 1.0) or sliding_window_pattern, and its
+    # use_bidirectional_attention is "vision" (image tokens only) or "all", not Gemma 3's bool.
+    gemma3 = _derive_gemma3(f.without("query_pre_attn_scalar", "sliding_window_pattern", "use_bidirectional_attention"))
     if f.get("use_bidirectional_attention") == "all":
         raise ConfigError("config field 'use_bidirectional_attention' is 'all'; only causal text attention is supported")
-    n = b["n_layers"]
-    types = _layer_types(f, n, lambda i: GLOBAL if (i + 1) % 6 == 0 or i == n - 1 else SLIDING)
-    window = f.int("sliding_window", 512)
-    ropes = _ropes_per_type(f)
+    # Gemma 3's 5:1 pattern, but HF makes the last layer global wherever the pattern ends.
+    types = _layer_types(f, make_attention_layers_types(GEMMA4_ATTENTION_PATTERN, gemma3.num_layers)[:-1] + (GLOBAL,))
+    spec = _with_attention(gemma3, types, window=f.int("sliding_window", 512))  # Gemma 3's default: 4096
+    ropes = _ropes_per_type(f)  # as Gemma 3, on Gemma 4's layer types
     k_eq_v = bool(f.get("attention_k_eq_v", False))
     global_kv = f.get("num_global_key_value_heads") if k_eq_v else None
-    geometry = {
-        SLIDING: (b["n_kv"], b["head_dim"]),
-        GLOBAL: (global_kv or b["n_kv"], f.int("global_head_dim", 512)),
-    }
+    global_head_dim = f.int("global_head_dim", 512)
     donors = _gemma4_donors(types, f.int("num_kv_shared_layers", 0, minimum=0))
     double_wide = bool(f.get("use_double_wide_mlp", False))
     moe = None
@@ -352,24 +391,28 @@ def _derive_gemma4(f: _Fields) -> ModelSpec:
         moe = MoESpec(f.int("num_experts"), f.int("top_k_experts"), f.int("moe_intermediate_size"))
         if moe.top_k > moe.num_experts:
             raise ConfigError(f"config field 'top_k_experts' ({moe.top_k}) exceeds 'num_experts' ({moe.num_experts})")
-    layers = []
-    for i, t in enumerate(types):
-        n_kv, head_dim = geometry[t]
-        if b["n_heads"] % n_kv:
-            raise ConfigError(f"layer {i} ({t}): {b['n_heads']} query heads are not a multiple of {n_kv} KV heads")
-        shared = donors[i] is not None
-        layers.append(LayerSpec(
-            index=i, attention=t, window=window if t == SLIDING else None,
-            num_heads=b["n_heads"], num_kv_heads=n_kv, head_dim=head_dim,
-            query_scale=1.0, attn_softcap=None, qk_norm=True, rope=ropes[t],
-            intermediate_size=b["intermediate"] * (2 if double_wide and shared else 1), sandwich_norms=True,
-            v_norm=True, k_eq_v=k_eq_v and t == GLOBAL, kv_donor=donors[i], moe=moe,
-        ))
+    spec = _with_layers(
+        spec,
+        num_kv_heads=lambda layer: (global_kv or layer.num_kv_heads) if layer.attention == GLOBAL
+        else layer.num_kv_heads,
+        head_dim=lambda layer: global_head_dim if layer.attention == GLOBAL else layer.head_dim,
+        query_scale=1.0,
+        rope=lambda layer: ropes[layer.attention],
+        v_norm=True,
+        k_eq_v=lambda layer: k_eq_v and layer.attention == GLOBAL,
+        kv_donor=lambda layer: donors[layer.index],
+        intermediate_size=lambda layer: layer.intermediate_size * (2 if double_wide and donors[layer.index] is not None else 1),
+        moe=moe,
+    )
+    for layer in spec.layers:
+        if layer.num_heads % layer.num_kv_heads:
+            raise ConfigError(
+                f"layer {layer.index} ({layer.attention}): {layer.num_heads} query heads are not a multiple of "
+                f"{layer.num_kv_heads} KV heads"
+            )
     ple_dim = f.int("hidden_size_per_layer_input", 0, minimum=0)
-    ple = PLESpec(ple_dim, f.int("vocab_size_per_layer_input", b["model"]["vocab_size"])) if ple_dim else None
-    model = {**b["model"], "norm_offset": 0.0}
-    return ModelSpec(layers=tuple(layers), activation=b["activation"], final_softcap=f.float("final_logit_softcapping"),
-                     norm_pow=True, layer_scalar=True, ple=ple, **model)
+    ple = PLESpec(ple_dim, f.int("vocab_size_per_layer_input", spec.vocab_size)) if ple_dim else None
+    return replace(spec, norm_offset=0.0, norm_pow=True, layer_scalar=True, ple=ple)
 
 
 _DERIVE = {

@@ -6,12 +6,23 @@ Expected values follow HF Transformers' config classes (see
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
 
 import configs
-from reference_impl.spec import GLOBAL, SLIDING, ConfigError, ModelSpec
+from reference_impl.spec import (
+    GEMMA2_ATTENTION_PATTERN,
+    GEMMA3_ATTENTION_PATTERN,
+    GEMMA4_ATTENTION_PATTERN,
+    GLOBAL,
+    SLIDING,
+    AttentionType,
+    ConfigError,
+    ModelSpec,
+    make_attention_layers_types,
+)
 
 
 def spec_of(name: str, **overrides) -> ModelSpec:
@@ -27,7 +38,7 @@ def spec_of(name: str, **overrides) -> ModelSpec:
 _DELETE = object()
 
 
-GEMMA_1_TO_3 = [n for n in configs.names() if configs.load(n)["generation"] <= 3]  # Gemma 4: test_spec_gemma4.py
+GEMMA_1_TO_3 = [n for n in configs.names() if configs.load(n)["generation"] <= 3]  # Gemma 4: its own section below
 
 
 @pytest.mark.parametrize("name", GEMMA_1_TO_3)
@@ -50,7 +61,40 @@ def test_every_shipped_config_derives(name):
         assert layer.sandwich_norms == (cfg["model_type"] != "gemma")
 
 
-# --- layer patterns -----------------------------------------------------------------------------
+# --- attention types and layer patterns ---------------------------------------------------------
+
+
+def test_attention_type_is_a_str():
+    assert (SLIDING, GLOBAL) == (AttentionType.LOCAL_SLIDING, AttentionType.GLOBAL)
+    assert AttentionType.GLOBAL == "global" and AttentionType.LOCAL_SLIDING == "sliding"
+    assert AttentionType("sliding") is SLIDING
+    # Usable wherever the plain strings were: dict keys, messages, JSON.
+    assert {"global": 1}[GLOBAL] == 1 and {GLOBAL: 1}["global"] == 1
+    assert f"{SLIDING}" == str(SLIDING) == "sliding" and f"{GLOBAL:>7}" == " global"
+    assert json.dumps([GLOBAL, SLIDING]) == '["global", "sliding"]'
+
+
+@pytest.mark.parametrize("name", configs.names())
+def test_layers_carry_attention_type_members(name):
+    spec = spec_of(name)
+    assert all(type(layer.attention) is AttentionType for layer in spec.layers)
+
+
+def test_make_attention_layers_types_repeats_pattern():
+    s, g = SLIDING, GLOBAL
+    assert make_attention_layers_types(GEMMA2_ATTENTION_PATTERN, 5) == (s, g, s, g, s)
+    assert make_attention_layers_types(GEMMA3_ATTENTION_PATTERN, 14) == (s,) * 5 + (g,) + (s,) * 5 + (g,) + (s, s)
+    assert make_attention_layers_types(GEMMA3_ATTENTION_PATTERN, 3) == (s, s, s)
+    assert make_attention_layers_types((g,), 3) == (g, g, g)
+    assert make_attention_layers_types(GEMMA2_ATTENTION_PATTERN, 0) == ()
+    with pytest.raises(ValueError):
+        make_attention_layers_types((), 4)
+
+
+def test_default_patterns():
+    assert GEMMA2_ATTENTION_PATTERN == (SLIDING, GLOBAL)
+    assert GEMMA3_ATTENTION_PATTERN == (SLIDING,) * 5 + (GLOBAL,)
+    assert GEMMA4_ATTENTION_PATTERN == GEMMA3_ATTENTION_PATTERN
 
 
 @pytest.mark.parametrize("drop_layer_types", [False, True])
@@ -256,3 +300,68 @@ def test_missing_head_dim_defaults_like_hf(name):
     cfg["hidden_size"], cfg["num_attention_heads"] = 3072, 16
     del cfg["head_dim"]
     assert ModelSpec.from_hf_config(cfg).layers[0].head_dim == 256
+
+
+@pytest.mark.parametrize(
+    "name, overrides",
+    [
+        ("gemma-2-2b-tiny", {"hidden_act": "silu"}),  # Gemma 2+ read hidden_activation
+        ("gemma-3-1b-tiny", {"attn_logit_softcapping": "x"}),  # HF Gemma 3 ignores it
+        ("gemma-3-1b-tiny", {"rope_theta": -1.0}),  # per-type rope_parameters win over the legacy field
+        ("gemma-4-31b-tiny", {"query_pre_attn_scalar": -1}),  # Gemma 4's scale is 1.0
+        ("gemma-4-31b-tiny", {"sliding_window_pattern": 0}),
+        ("gemma-4-31b-tiny", {"use_bidirectional_attention": "vision"}),  # image tokens only
+    ],
+)
+def test_fields_a_generation_does_not_read_are_ignored(name, overrides):
+    assert spec_of(name, **overrides) == spec_of(name)
+
+
+# --- Gemma 4 ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("n_layers, globals_", [(6, [5]), (8, [5, 7]), (10, [5, 9]), (12, [5, 11]), (13, [5, 11, 12])])
+def test_gemma4_default_pattern_ends_global(n_layers, globals_):
+    spec = spec_of("gemma-4-31b-tiny", layer_types=_DELETE, num_hidden_layers=n_layers)
+    assert [layer.index for layer in spec.layers if layer.attention == GLOBAL] == globals_
+    for layer in spec.layers:
+        assert layer.window == (None if layer.attention == GLOBAL else 16)
+        assert layer.head_dim == (32 if layer.attention == GLOBAL else 16)
+        assert layer.num_kv_heads == (2 if layer.attention == GLOBAL else 8)
+        assert layer.k_eq_v == (layer.attention == GLOBAL)
+        assert layer.rope.rotary_fraction == (0.25 if layer.attention == GLOBAL else 1.0)
+
+
+def test_gemma4_explicit_layer_types_win():
+    types = ["sliding_attention"] * 6 + ["full_attention"] * 6
+    spec = spec_of("gemma-4-31b-tiny", layer_types=types)
+    assert [layer.attention for layer in spec.layers] == [SLIDING] * 6 + [GLOBAL] * 6
+
+
+@pytest.mark.parametrize(
+    "name, overrides, message",
+    [
+        ("gemma-4-31b-tiny", {"use_bidirectional_attention": "all"}, r"'use_bidirectional_attention' is 'all'"),
+        # 16 query heads: 3 global KV heads (K=V layers) or 3 sliding KV heads do not divide them.
+        ("gemma-4-31b-tiny", {"num_global_key_value_heads": 3},
+         r"^layer 5 \(global\): 16 query heads are not a multiple of 3 KV heads$"),
+        ("gemma-4-31b-tiny", {"num_attention_heads": 12, "num_key_value_heads": 4, "num_global_key_value_heads": 8},
+         r"^layer 5 \(global\): 12 query heads are not a multiple of 8 KV heads$"),
+        ("gemma-4-26b-a4b-tiny", {"top_k_experts": 9}, r"'top_k_experts' \(9\) exceeds 'num_experts' \(8\)"),
+        ("gemma-4-26b-a4b-tiny", {"num_experts": _DELETE}, r"'num_experts' is missing"),
+        # e2b-tiny: full_attention at layers 4 and 9; sharing 6 layers leaves layer 4 without an earlier global one.
+        ("gemma-4-e2b-tiny", {"num_kv_shared_layers": 6},
+         r"^config field 'num_kv_shared_layers' \(6\) leaves layer 4 \(global\) without an earlier layer"),
+        ("gemma-4-e2b-tiny", {"num_kv_shared_layers": 10}, r"'num_kv_shared_layers' \(10\) leaves layer 0 \(sliding\)"),
+        ("gemma-4-e2b-tiny", {"num_kv_shared_layers": -1}, r"'num_kv_shared_layers' must be an integer >= 0"),
+        ("gemma-4-31b-tiny", {"layer_types": ["sliding_attention"] * 11}, r"'layer_types' must list 12 entries"),
+        ("gemma-4-31b-tiny", {"layer_types": "full_attention"}, r"'layer_types' must list 12 entries"),
+        ("gemma-4-31b-tiny", {"layer_types": ["sliding_attention"] * 11 + ["chunked_attention"]},
+         r"layer_types\[11\] is 'chunked_attention'"),
+        ("gemma-4-31b-tiny", {"global_head_dim": 0}, r"'global_head_dim'"),
+        ("gemma-4-e2b-tiny", {"hidden_size_per_layer_input": -1}, r"'hidden_size_per_layer_input'"),
+    ],
+)
+def test_gemma4_malformed_config_raises(name, overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        spec_of(name, **overrides)
