@@ -12,9 +12,13 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from safetensors.torch import save_file
+
+if TYPE_CHECKING:
+    from tokenizers import Tokenizer
 
 CAUSAL_LM = {"gemma": "GemmaForCausalLM", "gemma2": "Gemma2ForCausalLM", "gemma3_text": "Gemma3ForCausalLM",
              "gemma4_text": "Gemma4ForCausalLM"}  # model_type -> the class a checkpoint names
@@ -39,23 +43,26 @@ def vocabulary(hf_config: Mapping) -> dict[str, int]:
     return {names.get(i, f"<t{i}>"): i for i in range(int(hf_config["vocab_size"]))}
 
 
-def tokenizer_json(hf_config: Mapping) -> dict:
-    """A ``tokenizers`` WordLevel tokenizer (the tokenizer.json format), written without the library."""
-    vocab = vocabulary(hf_config)
-    ids = special_ids(hf_config)
-    added = [{"id": ids[key], "content": SPECIAL[key], "single_word": False, "lstrip": False, "rstrip": False,
-              "normalized": False, "special": True} for key in ("pad_token_id", "eos_token_id", "bos_token_id")]
-    return {
-        "version": "1.0", "truncation": None, "padding": None, "added_tokens": added,
-        "normalizer": None, "pre_tokenizer": {"type": "WhitespaceSplit"}, "post_processor": None,
-        "decoder": None,  # ids decode to their tokens joined by spaces
-        "model": {"type": "WordLevel", "vocab": vocab, "unk_token": SPECIAL["pad_token_id"]},
-    }
+def build_tokenizer(hf_config: Mapping) -> Tokenizer:
+    """A ``tokenizers`` WordLevel tokenizer over :func:`vocabulary`, split on whitespace, unknown words -> ``<pad>``;
+    pad/eos/bos are special tokens. No decoder: ids decode to their tokens joined by spaces."""
+    try:
+        from tokenizers import AddedToken, Tokenizer
+        from tokenizers.models import WordLevel
+        from tokenizers.pre_tokenizers import WhitespaceSplit
+    except ImportError as exc:
+        raise ImportError(
+            "the model directory's tokenizer is built with `tokenizers`: pip install 'tokenizers>=0.19'") from exc
+    tok = Tokenizer(WordLevel(vocabulary(hf_config), unk_token=SPECIAL["pad_token_id"]))
+    tok.pre_tokenizer = WhitespaceSplit()
+    tok.add_special_tokens([AddedToken(SPECIAL[key], special=True, normalized=False)
+                            for key in ("pad_token_id", "eos_token_id", "bos_token_id")])
+    return tok
 
 
 def write_tokenizer(path: Path, hf_config: Mapping) -> None:
     ids = special_ids(hf_config)
-    (path / "tokenizer.json").write_text(json.dumps(tokenizer_json(hf_config)))
+    build_tokenizer(hf_config).save(str(path / "tokenizer.json"))
     tokens = {key.replace("_id", ""): SPECIAL[key] for key in ids}
     (path / "tokenizer_config.json").write_text(json.dumps({
         "tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": int(hf_config.get("max_position_embeddings", 8192)),

