@@ -1,6 +1,10 @@
 """Per-probe metrics and verdicts.
 
-Only real tokens are compared (padding positions are excluded). Metrics, computed in float64:
+Only real tokens are compared (padding positions are excluded). A probe's values may come from one
+forward over a padded batch or from several forwards (each row alone): ``ref``, ``cand`` and ``valid``
+are then lists, one entry per forward, and the metrics cover all of their real tokens. Metrics,
+accumulated in float64 over chunks of tokens (real-vocabulary logits are 262k wide; nothing is
+copied whole):
 
 * ``max_abs``: largest absolute difference;
 * ``rel_rms``: RMS of the difference / RMS of the reference tensor;
@@ -11,6 +15,7 @@ Only real tokens are compared (padding positions are excluded). Metrics, compute
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -56,30 +61,76 @@ class ProbeResult:
 
 _CHUNK = 64  # tokens per float64 slice: keeps real-vocabulary logits (262k wide) within memory
 
+Tensors = torch.Tensor | Sequence[torch.Tensor]
 
-def _metrics(ref: torch.Tensor, cand: torch.Tensor, logits: bool = False) -> dict[str, float]:
-    """Metrics over (tokens, features) tensors, accumulated in float64 over token chunks."""
+
+def _as_list(x: Tensors) -> list[torch.Tensor]:
+    return [x] if isinstance(x, torch.Tensor) else list(x)
+
+
+def real_tokens(t: torch.Tensor, valid: torch.Tensor) -> Iterator[torch.Tensor]:
+    """(B, T, ...) -> one (real tokens, features) tensor per row: a view when the row's real tokens are
+    contiguous (left padding), a copy otherwise."""
+    for row, mask in zip(t, valid, strict=True):
+        idx = mask.nonzero().flatten()
+        if not idx.numel():
+            continue
+        start, end = int(idx[0]), int(idx[-1]) + 1
+        part = row[start:end] if end - start == idx.numel() else row[idx]
+        yield part.reshape(part.shape[0], -1)
+
+
+def token_pairs(ref: Tensors, cand: Tensors, valid: Tensors) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Matching (tokens, features) slices of the reference and the candidate over every real token."""
+    pairs = []
+    for r, c, v in zip(_as_list(ref), _as_list(cand), _as_list(valid), strict=True):
+        pairs += list(zip(real_tokens(r, v), real_tokens(c, v), strict=True))
+    return pairs
+
+
+def _chunks(pairs) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    for r, c in pairs:
+        for i in range(0, r.shape[0], _CHUNK):
+            yield r[i:i + _CHUNK], c[i:i + _CHUNK]
+
+
+def _first_nonfinite(pairs, side: int) -> tuple[int, int, bool] | None:
+    """(non-finite count, total count, any NaN) on one side of the pairs, or None if all finite."""
+    bad = total = 0
+    nan = False
+    for chunk in _chunks(pairs):
+        t = chunk[side]
+        finite = torch.isfinite(t)
+        total += t.numel()
+        if not finite.all():
+            bad += int((~finite).sum())
+            nan = nan or bool(torch.isnan(t).any())
+    return (bad, total, nan) if bad else None
+
+
+def _metrics(ref: Tensors | list, cand: Tensors | None = None, logits: bool = False) -> dict[str, float]:
+    """Metrics over (tokens, features) pairs (or one ref/cand pair of tensors), in float64 chunks."""
+    pairs = list(zip(_as_list(ref), _as_list(cand), strict=True)) if cand is not None else ref
     sq_err = sq_ref = max_abs = 0.0
-    min_cos, kl_sum, kl_max, top1 = float("inf"), 0.0, float("-inf"), 0
-    for i in range(0, ref.shape[0], _CHUNK):
-        r, c = ref[i:i + _CHUNK].double(), cand[i:i + _CHUNK].double()
+    min_cos, kl_sum, kl_max, top1, n, tokens = float("inf"), 0.0, float("-inf"), 0, 0, 0
+    for r, c in _chunks(pairs):
+        r, c = r.double(), c.double()
         err = c - r
         sq_err += float(err.pow(2).sum())
         sq_ref += float(r.pow(2).sum())
         max_abs = max(max_abs, float(err.abs().max()))
         min_cos = min(min_cos, float(torch.nn.functional.cosine_similarity(r, c, dim=-1, eps=1e-30).min()))
+        n, tokens = n + r.numel(), tokens + r.shape[0]
         if logits:
             log_p, log_q = torch.log_softmax(r, dim=-1), torch.log_softmax(c, dim=-1)
             kl = (log_p.exp() * (log_p - log_q)).sum(-1)
             kl_sum, kl_max = kl_sum + float(kl.sum()), max(kl_max, float(kl.max()))
             top1 += int((r.argmax(-1) == c.argmax(-1)).sum())
-    n = ref.numel()
-    rms_ref = max((sq_ref / n) ** 0.5, 1e-30)
-    out = {"max_abs": max_abs, "rel_rms": (sq_err / n) ** 0.5 / rms_ref, "max_rel": max_abs / rms_ref,
+    rms_ref = max((sq_ref / max(n, 1)) ** 0.5, 1e-30)
+    out = {"max_abs": max_abs, "rel_rms": (sq_err / max(n, 1)) ** 0.5 / rms_ref, "max_rel": max_abs / rms_ref,
            "min_cosine": min_cos}
     if logits:
-        tokens = ref.shape[0]
-        out |= {"kl_mean": kl_sum / tokens, "kl_max": kl_max, "top1": top1 / tokens}
+        out |= {"kl_mean": kl_sum / max(tokens, 1), "kl_max": kl_max, "top1": top1 / max(tokens, 1)}
     return out
 
 
@@ -98,16 +149,22 @@ def _flipped(r: torch.Tensor, c: torch.Tensor) -> tuple[torch.Tensor, int]:
     return ((r != 0) != (c != 0)).any(-1), int((r != 0).sum(-1).max())
 
 
-def routing_flips(ref: torch.Tensor, cand: torch.Tensor, valid: torch.Tensor, ref_probs: torch.Tensor | None) -> tuple[int, float]:
+def _cat_real(t: Tensors, valid: Tensors) -> torch.Tensor:
+    """Every real token of (B, T, features) tensors, as one (tokens, features) tensor (small probes only)."""
+    return torch.cat([p for x, v in zip(_as_list(t), _as_list(valid), strict=True) for p in real_tokens(x, v)])
+
+
+def routing_flips(ref: Tensors, cand: Tensors, valid: Tensors, ref_probs: Tensors | None) -> tuple[int, float]:
     """Tokens whose chosen expert set differs between two dispatch tensors, and the largest reference
     k-th/(k+1)-th probability margin among them (inf without probabilities)."""
-    flipped, k = _flipped(ref[valid], cand[valid])
+    flipped, k = _flipped(_cat_real(ref, valid), _cat_real(cand, valid))
     n = int(flipped.sum())
-    return n, (_worst_margin(ref_probs[valid], flipped, k) if n else 0.0)
+    probs = _cat_real(ref_probs, valid) if ref_probs is not None else None
+    return n, (_worst_margin(probs, flipped, k) if n else 0.0)
 
 
-def compare_router(name: str, ref: torch.Tensor, cand: torch.Tensor, valid: torch.Tensor, tol: Tolerance,
-                   ref_probs: torch.Tensor | None = None, cand_probs: torch.Tensor | None = None,
+def compare_router(name: str, ref: Tensors, cand: Tensors, valid: Tensors, tol: Tolerance,
+                   ref_probs: Tensors | None = None, cand_probs: Tensors | None = None,
                    isolated: bool = False) -> ProbeResult:
     """Dispatch weights (B, T, E): expert choices compared as sets per token, weights where the sets agree.
 
@@ -116,25 +173,26 @@ def compare_router(name: str, ref: torch.Tensor, cand: torch.Tensor, valid: torc
     ``isolated``: the reference router was run on the candidate's own router input, so the router is
     judged alone (upstream drift excluded) and its probabilities must agree within ``router_probs``.
     """
-    limits = tol.for_probe(name)
-    r, c = ref[valid].float(), cand[valid].float()  # (tokens, experts)
+    limits = tol.for_probe(name, isolated)
+    r, c = _cat_real(ref, valid).float(), _cat_real(cand, valid).float()  # (tokens, experts)
     flipped, k = _flipped(r, c)
     n_flip, tokens = int(flipped.sum()), r.shape[0]
     metrics = _metrics(r[~flipped], c[~flipped]) if (~flipped).any() else {}
     metrics |= {"tokens_flipped": float(n_flip), "tokens": float(tokens)}
-    notes, failed = [], tol.violations(name, metrics) if (~flipped).any() else []
-    if isolated and cand_probs is not None and ref_probs is not None:
-        p_ref, p_cand = ref_probs[valid].double(), cand_probs[valid].double()
-        metrics["probs_max_abs"] = float((p_cand - p_ref).abs().max())
+    notes, failed = [], tol.violations(name, metrics, isolated) if (~flipped).any() else []
+    p_ref = _cat_real(ref_probs, valid) if ref_probs is not None else None
+    if isolated and cand_probs is not None and p_ref is not None:
+        p_cand = _cat_real(cand_probs, valid)
+        metrics["probs_max_abs"] = float((p_cand.double() - p_ref.double()).abs().max())
         limits = {**limits, "probs_max_abs": tol.router_probs}
         if metrics["probs_max_abs"] > tol.router_probs:
             failed.append(f"router probabilities on the same input differ by {metrics['probs_max_abs']:.3g} > {tol.router_probs:.3g}")
     if isolated:
         notes.append("router judged on the candidate's own input")
     if n_flip:
-        worst = _worst_margin(ref_probs[valid] if ref_probs is not None else None, flipped, k)
+        worst = _worst_margin(p_ref, flipped, k)
         metrics["flip_max_margin"] = worst
-        where = "on the same input" if isolated else ""
+        where = "on the same input " if isolated else ""
         notes.append(f"{n_flip} of {tokens} tokens chose other experts {where}(largest reference margin {worst:.2g})")
         if worst > tol.router_margin:
             failed.append(f"expert choice differs beyond a near-tie (margin {worst:.2g} > {tol.router_margin:.2g})")
@@ -145,24 +203,34 @@ def compare_router(name: str, ref: torch.Tensor, cand: torch.Tensor, valid: torc
     return ProbeResult(name, "fail" if failed else "pass", metrics, limits, "; ".join(failed + notes))
 
 
-def compare_probe(name: str, ref: torch.Tensor, cand: torch.Tensor | None, valid: torch.Tensor, tol: Tolerance,
-                  unsupported_reason: str = "", ref_probs: torch.Tensor | None = None,
-                  cand_probs: torch.Tensor | None = None, isolated: bool = False) -> ProbeResult:
-    limits = tol.for_probe(name)
-    if cand is None:
+def _shapes_differ(ref: Tensors, cand: Tensors) -> str:
+    for r, c in zip(_as_list(ref), _as_list(cand), strict=True):
+        if tuple(c.shape) != tuple(r.shape):
+            return f"shape {tuple(c.shape)} differs from the reference's {tuple(r.shape)}"
+    return ""
+
+
+def compare_probe(name: str, ref: Tensors, cand: Tensors | None, valid: Tensors, tol: Tolerance,
+                  unsupported_reason: str = "", ref_probs: Tensors | None = None,
+                  cand_probs: Tensors | None = None, isolated: bool = False) -> ProbeResult:
+    """One probe judged: ``isolated`` means ``ref`` is the reference's sublayer run on the candidate's
+    own input (so the sublayer alone is judged, with the isolated limits)."""
+    limits = tol.for_probe(name, isolated)
+    if cand is None or (not isinstance(cand, torch.Tensor) and any(c is None for c in cand)):
         return ProbeResult(name, "unsupported", tolerance=limits, note=unsupported_reason or "not captured by the candidate")
-    if tuple(cand.shape) != tuple(ref.shape):
-        return ProbeResult(name, "error", tolerance=limits,
-                           note=f"shape {tuple(cand.shape)} differs from the reference's {tuple(ref.shape)}")
-    if name.endswith(".router") and torch.isfinite(cand).all():
+    shape = _shapes_differ(ref, cand)
+    if shape:
+        return ProbeResult(name, "error", tolerance=limits, note=shape)
+    pairs = token_pairs(ref, cand, valid)
+    bad = _first_nonfinite(pairs, 1)
+    if name.endswith(".router") and bad is None:
         return compare_router(name, ref, cand, valid, tol, ref_probs, cand_probs, isolated)
-    r, c = ref[valid], cand[valid]  # (tokens, features)
-    if not torch.isfinite(r).all():
+    if _first_nonfinite(pairs, 0) is not None:
         return ProbeResult(name, "error", tolerance=limits, note="the reference itself is not finite here")
-    if not torch.isfinite(c).all():
-        bad = (~torch.isfinite(c)).sum().item()
-        kind = "NaN" if torch.isnan(c).any() else "Inf"
-        return ProbeResult(name, "nonfinite", tolerance=limits, note=f"{kind} in {bad} of {c.numel()} candidate values")
-    metrics = _metrics(r, c, logits=name == "logits")
-    failures = tol.violations(name, metrics)
+    if bad is not None:
+        count, total, nan = bad
+        return ProbeResult(name, "nonfinite", tolerance=limits,
+                           note=f"{'NaN' if nan else 'Inf'} in {count} of {total} candidate values")
+    metrics = _metrics(pairs, logits=name == "logits")
+    failures = tol.violations(name, metrics, isolated)
     return ProbeResult(name, "fail" if failures else "pass", metrics, limits, "; ".join(failures))

@@ -14,10 +14,23 @@ from reference_impl.spec import ModelSpec
 
 from . import probes as probe_names
 from .adapters import Adapter, AdapterError, ReferenceAdapter, resolve
+from .adapters.base import Unsupported, check_outputs, supports
 from .compare import ProbeResult, compare_probe, routing_flips
 from .decode_check import DECODE_STEPS, judge_greedy
 from .synthetic import Batch, make_batch, random_state_dict
 from .tolerance import DTYPES, Tolerance, tolerance_for
+
+
+@dataclass
+class Capability:
+    """Whether a feature the gate exercises was judged: ``judged``, ``not judged`` (the input did not
+    need it) or ``unsupported`` (the candidate lacks it; ``reason`` says why, in the port's words)."""
+
+    status: str
+    reason: str = ""
+
+    def line(self, feature: str) -> str:
+        return f"{feature}: {self.status}" + (f" — {self.reason}" if self.reason else "")
 
 
 @dataclass
@@ -32,6 +45,12 @@ class ConformanceResult:
     seed: int = 0
     wall_s: float = 0.0
     environment: dict = field(default_factory=dict)
+    capabilities: dict[str, Capability] = field(default_factory=dict)
+
+    @property
+    def lacking(self) -> list[str]:
+        """One line per feature the candidate lacks: "padding: unsupported — <its reason>"."""
+        return [c.line(f) for f, c in self.capabilities.items() if c.status == "unsupported"]
 
     @property
     def passed(self) -> bool:
@@ -72,12 +91,15 @@ class ConformanceResult:
         first = self.first_divergence
         if first is not None:
             where = f"layer {first.layer} {first.sublayer}" if first.layer is not None else first.name
-            return f"FAIL {self.model} [{self.dtype}] {self.candidate}: first divergence at {first.name} ({where}): {first.note}"
+            lacking = "".join(f"; {line}" for line in self.lacking)
+            return (f"FAIL {self.model} [{self.dtype}] {self.candidate}: first divergence at {first.name} ({where}): "
+                    f"{first.note}{lacking}")
         skipped = f"; {len(self.unsupported)} probes unsupported" if self.unsupported else ""
         flips = sum(int(p.metrics.get("tokens_flipped", 0)) for p in self.probes)
         if flips:
             skipped += f"; {flips} token-layer expert choices flipped on near-ties (rest judged with the candidate's routing)"
         tail = f"; {self.standing()}" if self.closest is not None else ""
+        tail += "".join(f"; {line}" for line in self.lacking)
         return f"PASS {self.model} [{self.dtype}] {self.candidate} vs {self.reference}: {len(self.probes) - len(self.unsupported)} probes{skipped}{tail}"
 
     def to_json(self) -> dict:
@@ -96,6 +118,7 @@ class ConformanceResult:
             "closest_to_failing": None if self.closest is None else {
                 "probe": self.closest.name, "headroom": self.closest.headroom(),
             },
+            "capabilities": {f: {"status": c.status, "reason": c.reason} for f, c in self.capabilities.items()},
             "inputs": self.inputs,
             "seed": self.seed,
             "wall_s": round(self.wall_s, 3),
@@ -129,7 +152,7 @@ def conform(model: str, candidate: str | Adapter = "hf", dtype: str = "float32",
         candidate = resolve(candidate)
     except AdapterError:
         pass  # compare_implementations records it as this run's error
-    if hasattr(candidate, "prepare_config"):
+    if isinstance(candidate, Adapter):
         hf_config = candidate.prepare_config(hf_config)
     spec = ModelSpec.from_hf_config(hf_config)
     return compare_implementations(model, hf_config, random_state_dict(spec, seed), make_batch(spec, seed),
@@ -154,87 +177,215 @@ def compare_implementations(label: str, hf_config: dict, state: dict, batch: Bat
         adapter = resolve(candidate)
         result.candidate = adapter.name
         adapter.load(hf_config, state, torch_dtype)
-        cand_out = adapter.run(batch)
-        generated = adapter.generate(batch, DECODE_STEPS) if hasattr(adapter, "generate") else None
+        runs, result.capabilities = run_candidate(adapter, batch)
+        generated = adapter.generate(batch, DECODE_STEPS) if supports(adapter, "generate") else None
     except AdapterError as exc:
         result.error = str(exc)
     except Exception as exc:  # noqa: BLE001 - a crashing candidate is a result, not a crash of the gate
-        frame = traceback.extract_tb(exc.__traceback__)[-1]
-        result.error = f"candidate crashed: {type(exc).__name__}: {exc} (at {frame.filename}:{frame.lineno})"
+        result.error = f"candidate crashed: {crash_line(exc)}"
     else:
-        result.probes = _judge(spec, reference, batch, cand_out, tol, getattr(adapter, "unsupported", {}) or {},
-                               getattr(adapter, "logits_form", "logits"))
+        result.probes = _judge(spec, reference, runs, tol, adapter.unsupported or {}, adapter.logits_form)
         if generated is not None:
             result.probes.append(judge_greedy(reference, batch.prompts(), generated, tol))
-        if cand_out.get("logits") is None:
+        if any(out.get("logits") is None for _, out in runs):
             result.error = "candidate returned no logits"
     finally:
-        if hasattr(adapter, "close"):
+        if adapter is not None:
             adapter.close()  # e.g. vLLM's model directory
-    if getattr(adapter, "config_note", ""):
+    if adapter is not None and adapter.config_note:
         result.inputs += f"; model variant: {adapter.config_note}"
-    result.environment.update(getattr(adapter, "environment", None) or {})
+    if result.capabilities.get("padding", Capability("")).status == "unsupported":
+        result.inputs += "; the candidate ran each row alone, without padding"
+    if result.capabilities.get("position_ids", Capability("")).status == "unsupported":
+        result.inputs += "; the candidate was given no position ids"
+    result.environment.update((adapter.environment if adapter is not None else None) or {})
     result.wall_s = time.perf_counter() - start
     return result
 
 
-def _compare_all(spec, reference, ref_out, cand_out, batch, tol, reasons) -> list[ProbeResult]:
-    out = []
-    for probe in probe_names.for_spec(spec):
-        reason = reasons.get(probe) or reasons.get("*", "")
-        ref, ref_probs, isolated = ref_out[probe], ref_out.get(probe + "_probs"), False
-        router_input = cand_out.get(probe + "_input")
-        if probe.endswith(".router") and router_input is not None and hasattr(reference, "route"):
-            # Judge the router alone: the reference router on the candidate's own router input.
-            ref, ref_probs = reference.route(probe_names.locate(probe)[0], router_input)
-            isolated = True
-        result = compare_probe(probe, ref, cand_out.get(probe), batch.valid, tol, reason, ref_probs=ref_probs,
-                               cand_probs=cand_out.get(probe + "_probs"), isolated=isolated)
-        if isolated and result.status == "pass":
-            _check_router_context(result, probe, ref_out, cand_out, router_input, batch, tol)
-        out.append(result)
-    return out
+def crash_line(exc: BaseException) -> str:
+    """An exception as one line: type, message and the innermost frame."""
+    frame = traceback.extract_tb(exc.__traceback__)[-1] if exc.__traceback__ else None
+    where = f" (at {frame.filename}:{frame.lineno})" if frame else ""
+    message = " ".join(str(exc).split())
+    return f"{type(exc).__name__}: {message}{where}"
 
 
-def _check_router_context(result: ProbeResult, probe, ref_out, cand_out, router_input, batch, tol) -> None:
-    """A router that is right on its own input must also read the right input (the post-attention
-    residual, judged like an ``out`` probe), and its choices may differ from what the reference router
-    picks at that layer (given the same routing upstream) only on near-ties; those flips are counted
-    as ``tokens_flipped``."""
-    read = compare_probe(probe.replace(".router", ".out"), ref_out[probe + "_input"], router_input, batch.valid, tol)
-    result.metrics["input_max_rel"] = read.metrics.get("max_rel", float("nan"))
-    if read.status != "pass":
-        result.status = "fail"
-        result.note = f"router input differs from the reference's ({read.note}); {result.note}"
-        return
-    probs = ref_out[probe + "_probs"]  # the reference router's own probabilities (before any forcing)
-    k = int((cand_out[probe][batch.valid] != 0).sum(-1).max())
-    natural = torch.zeros_like(probs).scatter(-1, torch.topk(probs, k, dim=-1).indices, 1.0)
-    n, margin = routing_flips(natural, cand_out[probe], batch.valid, probs)
-    result.metrics["tokens_flipped"] = float(n)
-    result.metrics["flip_max_margin"] = margin
-    if n and margin > tol.router_margin:
-        result.status = "fail"
-        result.note = f"{n} tokens chose other experts than the reference beyond a near-tie (margin {margin:.2g}); {result.note}"
-    elif n:
-        result.note = (f"{n} tokens chose other experts than the reference, all near-ties (margin <= {margin:.2g}): "
-                       f"later probes judged with the candidate's routing; {result.note}")
+def _reason(exc: BaseException) -> str:
+    return exc.reason if isinstance(exc, Unsupported) else crash_line(exc)
 
 
-def _judge(spec, reference, batch, cand_out, tol, reasons, logits_form="logits") -> list[ProbeResult]:
-    """Run the reference and compare every probe. On MoE models whose candidate exposes its expert
-    choices, the reference runs routed as the candidate, so every probe is judged on the same routing
-    rather than through a widened tolerance; each router is judged alone (see
-    :func:`_check_router_context`)."""
+def run_candidate(adapter: Adapter, batch: Batch) -> tuple[list[tuple[Batch, dict]], dict[str, Capability]]:
+    """The candidate's probes on ``batch``: [(batch it ran, probes)], and what it could do.
+
+    Tried in order, skipping what the adapter declares unsupported: the batch as is (left-padded, with
+    explicit position ids); the batch without position ids; each row alone with positions 0..n-1; each
+    row alone without position ids. The first that runs is judged; a feature whose attempt failed is
+    reported unsupported with the port's own reason, so a port that cannot pad (or take position ids)
+    is told apart from a wrong one, and every probe is still judged. A candidate that fails even on a
+    lone unpadded row without position ids has crashed.
+    """
+    declared = adapter.unsupported or {}
+    can_pad, can_position = "padding" not in declared, "position_ids" not in declared
+    attempts = [("batch", True), ("batch", False), ("rows", True), ("rows", False)]
+    failed: dict[tuple[str, bool], BaseException] = {}
+    for shape, positions in attempts:
+        if (shape == "batch" and not can_pad and batch.padded) or (positions and not can_position):
+            continue
+        if shape == "rows" and not batch.padded:
+            break  # an unpadded batch has nothing to fall back to
+        batches = [batch.without_positions() if not positions else batch] if shape == "batch" else batch.rows(positions)
+        try:
+            runs = [(b, _outputs(adapter, b)) for b in batches]
+        except Exception as exc:  # noqa: BLE001 - tell a port that lacks a feature from one that crashes
+            failed[(shape, positions)] = exc
+            last = exc
+            continue
+        return runs, _capabilities(declared, failed, shape, positions, batch.padded)
+    raise last if failed else AdapterError(f"{adapter.name}: declares every way of running a batch unsupported")
+
+
+def _capabilities(declared, failed, shape, positions, padded) -> dict[str, Capability]:
+    """What the successful attempt (``shape``, ``positions``) and the failed ones before it say."""
+    def reason(feature, *keys):
+        if feature in declared:
+            return declared[feature]
+        exc = next((failed[k] for k in keys if k in failed), None)
+        return _reason(exc) if exc is not None else "not tried"
+
+    if shape == "batch":
+        padding = Capability("judged") if padded else Capability("not judged", "the batch has no padded row")
+    else:
+        padding = Capability("unsupported", reason("padding", ("batch", False), ("batch", True)))
+    if positions:
+        position_ids = Capability("judged")
+    else:
+        position_ids = Capability("unsupported", reason("position_ids", ("batch", True), ("rows", True)))
+    return {"padding": padding, "position_ids": position_ids}
+
+
+def _outputs(adapter: Adapter, batch: Batch) -> dict[str, torch.Tensor]:
+    return check_outputs(adapter.name, adapter.run(batch), batch)
+
+
+@dataclass
+class _Run:
+    """One forward of both implementations: the batch, the reference's probes, the candidate's, and the
+    reference's sublayers rerun on the candidate's own inputs."""
+
+    batch: Batch
+    ref: dict[str, torch.Tensor]
+    cand: dict[str, torch.Tensor]
+    isolated: dict[str, torch.Tensor]
+
+
+def _forced_routing(spec, cand_out) -> dict[int, torch.Tensor]:
     forced = {}
     for layer in spec.layers:
         dispatch = cand_out.get(f"layers.{layer.index}.router")
         if layer.moe is not None and dispatch is not None:
             forced[layer.index] = torch.topk(dispatch.float(), k=layer.moe.top_k, dim=-1).indices
-    ref_out = reference.run(batch, forced_routing=forced) if forced else reference.run(batch)
-    if logits_form == "logprobs":  # the candidate reports log-probabilities: compare log-softmaxed logits
-        ref_out = {**ref_out, "logits": torch.log_softmax(ref_out["logits"].float(), dim=-1)}
-    return _compare_all(spec, reference, ref_out, cand_out, batch, tol, reasons)
+    return forced
+
+
+def _isolate(spec, reference, run_batch, ref_out, cand_out) -> dict[str, torch.Tensor]:
+    """The reference's sublayers rerun on the candidate's own inputs (where the candidate gives them):
+    each sublayer is then judged alone, its input against the reference's stream."""
+    if not hasattr(reference, "sublayer"):
+        return {}
+    inputs = {**ref_out, **cand_out}  # a KV-shared layer's donor input: the candidate's, else the reference's
+    out = {}
+    for probe in probe_names.for_spec(spec):
+        source = probe_names.input_of(probe)
+        if source is None or source not in cand_out or probe.endswith(".router"):
+            continue
+        routing = cand_out.get(probe.replace(".moe", ".router")) if probe.endswith(".moe") else None
+        value = reference.sublayer(probe, inputs, run_batch, routing)
+        if value is not None:
+            out[probe] = value
+    return out
+
+
+def _judge(spec, reference, runs, tol, reasons, logits_form="logits") -> list[ProbeResult]:
+    """Run the reference on what the candidate ran and compare every probe. On MoE models whose
+    candidate exposes its expert choices, the reference runs routed as the candidate, so every probe is
+    judged on the same routing rather than through a widened tolerance; each router is judged alone
+    (see :func:`_check_routing`)."""
+    judged = []
+    for run_batch, cand_out in runs:
+        forced = _forced_routing(spec, cand_out)
+        ref_out = reference.run(run_batch, forced_routing=forced) if forced else reference.run(run_batch)
+        if logits_form == "logprobs":  # the candidate reports log-probabilities: compare log-softmaxed logits
+            ref_out = {**ref_out, "logits": torch.log_softmax(ref_out["logits"].float(), dim=-1)}
+        judged.append(_Run(run_batch, ref_out, cand_out, _isolate(spec, reference, run_batch, ref_out, cand_out)))
+    return [_judge_probe(spec, reference, probe, judged, tol, reasons) for probe in probe_names.for_spec(spec)]
+
+
+def _judge_probe(spec, reference, probe, runs: list[_Run], tol, reasons) -> ProbeResult:
+    reason = reasons.get(probe) or reasons.get("*", "")
+    valid = [r.batch.valid for r in runs]
+    cand = [r.cand.get(probe) for r in runs]
+    isolated = all(probe in r.isolated for r in runs)
+    ref = [r.isolated[probe] if isolated else r.ref[probe] for r in runs]
+    if probe.endswith(".router"):
+        result = _judge_router(reference, probe, runs, tol, reason)
+        isolated = all(probe + "_input" in r.cand for r in runs)
+    else:
+        result = compare_probe(probe, ref, None if any(c is None for c in cand) else cand, valid, tol, reason,
+                               isolated=isolated)
+    if probe_names.input_of(probe) and result.judged and not probe.endswith(".router"):
+        result.note = "; ".join(filter(None, ["judged on the candidate's own input" if isolated else
+                                              f"not isolated (no {probe}_input from the candidate)", result.note]))
+    if not result.passed and result.status != "error":
+        result.note = f"{probe_names.blame(spec, probe, isolated)}; {result.note}"
+    return result
+
+
+def _judge_router(reference, probe, runs: list[_Run], tol, reason) -> ProbeResult:
+    """The router's expert choice. With its input (``router_input``) it is judged alone: the reference
+    router on the candidate's own input. Without it, its expert sets are compared with the reference's
+    own routing (given the same upstream routing) under the near-tie rule, and its weights where they
+    agree."""
+    valid = [r.batch.valid for r in runs]
+    cand = [r.cand.get(probe) for r in runs]
+    if any(c is None for c in cand):
+        return compare_probe(probe, [r.ref[probe] for r in runs], None, valid, tol, reason)
+    layer = probe_names.locate(probe)[0]
+    has_input = all(probe + "_input" in r.cand for r in runs)
+    if has_input:
+        routed = [reference.route(layer, r.cand[probe + "_input"]) for r in runs]
+        ref, ref_probs = [d for d, _ in routed], [p for _, p in routed]
+    else:
+        ref, ref_probs = [r.ref[probe] for r in runs], [r.ref[probe + "_probs"] for r in runs]
+    cand_probs = [r.cand.get(probe + "_probs") for r in runs]
+    result = compare_probe(probe, ref, cand, valid, tol, reason, ref_probs=ref_probs,
+                           cand_probs=None if any(p is None for p in cand_probs) else cand_probs, isolated=has_input)
+    if result.status == "pass":
+        _check_routing(result, probe, runs, tol)
+    if not has_input and result.judged:
+        result.note = "; ".join(filter(None, [f"not isolated (no {probe}_input): expert sets compared with the "
+                                              "reference's own routing", result.note]))
+    return result
+
+
+def _check_routing(result: ProbeResult, probe, runs: list[_Run], tol) -> None:
+    """The candidate's expert choices may differ from what the reference router picks at that layer
+    (given the same routing upstream) only on near-ties; those flips are counted as ``tokens_flipped``."""
+    probs = [r.ref[probe + "_probs"] for r in runs]  # the reference router's own probabilities (before any forcing)
+    cand = [r.cand[probe] for r in runs]
+    valid = [r.batch.valid for r in runs]
+    k = max(int((c[v] != 0).sum(-1).max()) for c, v in zip(cand, valid, strict=True))
+    natural = [torch.zeros_like(p).scatter(-1, torch.topk(p, k, dim=-1).indices, 1.0) for p in probs]
+    n, margin = routing_flips(natural, cand, valid, probs)
+    result.metrics["tokens_flipped"] = float(n)
+    result.metrics["flip_max_margin"] = margin
+    if n and margin > tol.router_margin:
+        result.status = "fail"
+        result.note = (f"the router chooses other experts than the reference beyond a near-tie: {n} tokens "
+                       f"(margin {margin:.2g}); {result.note}")
+    elif n:
+        result.note = (f"{n} tokens chose other experts than the reference, all near-ties (margin <= {margin:.2g}): "
+                       f"later probes judged with the candidate's routing; {result.note}")
 
 
 def result_from_json(data: dict) -> ConformanceResult:
@@ -245,4 +396,5 @@ def result_from_json(data: dict) -> ConformanceResult:
         model=data["model"], dtype=data["dtype"], reference=data["reference"], candidate=data["candidate"],
         probes=probes, error=data.get("error"), inputs=data.get("inputs", ""), seed=data.get("seed", 0),
         wall_s=data.get("wall_s", 0.0), environment=data.get("environment", {}),
+        capabilities={f: Capability(c["status"], c.get("reason", "")) for f, c in data.get("capabilities", {}).items()},
     )

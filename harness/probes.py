@@ -1,34 +1,54 @@
-"""Canonical probe points, in forward order, and how to name their place in the model."""
+"""Canonical probe points, in forward order, and what lies between them.
+
+Each sublayer has two probes: what it reads (``*_input``) and what it returns. The gate judges an
+input against the reference's stream and the sublayer on the candidate's own input, so the first
+failing probe names the first wrong *operation*: a failing ``layers.0.mlp_input`` means the bug lies
+between ``layers.0.attn`` and the MLP (the post-attention norm, the residual add or the pre-MLP norm);
+a failing ``layers.0.mlp`` with its input right means the MLP itself computes wrongly.
+"""
 
 from __future__ import annotations
 
 import re
 
-SUBLAYERS = ("attn", "mlp", "out")
 _LAYER_PROBE = re.compile(r"^layers\.(\d+)\.(\w+)$")
+
+# sublayer kind -> (what it is, what is inside it: where a bug is when it computes wrongly on the right input)
+SUBLAYERS = {
+    "attn": ("the attention", "its q/k/v projections, QK/V norms, RoPE, score scale, softcap, mask, softmax or "
+                              "output projection"),
+    "mlp": ("the MLP", "its gate/up projections, GELU or down projection"),
+    "router": ("the router", "its input norm and scale, projection, softmax, top-k, renormalisation or "
+                             "per-expert scale"),
+    "moe": ("the experts", "the per-expert GeGLU, the weighting by the dispatch weights or the sum"),
+    "ple": ("the per-layer projection", "the projection back to the hidden size"),
+    "final_norm": ("the final norm", "the RMSNorm itself (its offset, eps or dtype)"),
+}
 
 
 def canonical(num_layers: int) -> list[str]:
-    """embed, then per layer attn / mlp / out, then final_norm and logits."""
+    """Gemma 1-3: embed, then per layer attn_input / attn / mlp_input / mlp / out, then final_norm_input,
+    final_norm and logits."""
     names = ["embed"]
     for i in range(num_layers):
-        names += [f"layers.{i}.{sub}" for sub in SUBLAYERS]
-    return names + ["final_norm", "logits"]
+        names += [f"layers.{i}.{sub}" for sub in ("attn_input", "attn", "mlp_input", "mlp", "out")]
+    return names + ["final_norm_input", "final_norm", "logits"]
 
 
 def for_spec(spec) -> list[str]:
-    """The canonical probes plus Gemma 4's own, in forward order: per layer attn, mlp, then router and
-    moe (MoE layers), ple (per-layer-embedding models), out."""
+    """Every probe of a model, in forward order: per layer the attention and the MLP (each input, then
+    output), on MoE layers the router and the experts, on per-layer-embedding models the PLE branch,
+    then the layer's output stream."""
     names = ["embed"]
     for layer in spec.layers:
         p = f"layers.{layer.index}"
-        names += [f"{p}.attn", f"{p}.mlp"]
+        names += [f"{p}.attn_input", f"{p}.attn", f"{p}.mlp_input", f"{p}.mlp"]
         if layer.moe is not None:
-            names += [f"{p}.router", f"{p}.moe"]
+            names += [f"{p}.router_input", f"{p}.router", f"{p}.moe_input", f"{p}.moe"]
         if spec.ple is not None:
-            names.append(f"{p}.ple")
+            names += [f"{p}.ple_input", f"{p}.ple"]
         names.append(f"{p}.out")
-    return names + ["final_norm", "logits"]
+    return names + ["final_norm_input", "final_norm", "logits"]
 
 
 def locate(name: str) -> tuple[int | None, str]:
@@ -37,3 +57,81 @@ def locate(name: str) -> tuple[int | None, str]:
     if match:
         return int(match.group(1)), match.group(2)
     return None, name
+
+
+def input_of(name: str) -> str | None:
+    """The probe holding what sublayer ``name`` reads (``layers.0.mlp`` -> ``layers.0.mlp_input``), or None."""
+    kind = locate(name)[1]
+    return name + "_input" if kind in SUBLAYERS else None
+
+
+def _upstream(spec, name: str) -> str:
+    """The probe before the operations that produce ``name`` (an input or a stream probe)."""
+    layer, kind = locate(name)
+    if name == "final_norm_input":
+        return f"layers.{spec.num_layers - 1}.out"
+    if name == "logits":
+        return "final_norm"
+    p = f"layers.{layer}"
+    if kind == "attn_input":
+        return "embed" if layer == 0 else f"layers.{layer - 1}.out"
+    if kind in ("mlp_input", "router_input", "moe_input"):
+        return f"{p}.attn"
+    moe = spec.layers[layer].moe is not None
+    if kind == "ple_input":
+        return f"{p}.moe" if moe else f"{p}.mlp"
+    return f"{p}.ple" if spec.ple is not None else (f"{p}.moe" if moe else f"{p}.mlp")  # out
+
+
+def _between(spec, name: str) -> str:
+    """The operations between the upstream probe and ``name``: where a bug is when ``name`` is wrong
+    and everything before it is right."""
+    layer, kind = locate(name)
+    sandwich = spec.layers[layer].sandwich_norms if layer is not None else False
+    post_attn = "the post-attention norm, " if sandwich else ""
+    if kind == "attn_input":
+        return "the pre-attention norm"
+    if kind == "mlp_input":
+        return f"{post_attn}the residual add or the pre-MLP norm"
+    if kind == "router_input":
+        return f"{post_attn}the residual add, or a norm applied to what the router reads: it reads the raw residual"
+    if kind == "moe_input":
+        return f"{post_attn}the residual add or the experts' pre-norm"
+    if kind == "ple_input":
+        return ("the post-MLP norm, the residual add, the per-layer input (token table x sqrt(dim), context "
+                "projection and its norm, x 1/sqrt(2)) or the per-layer gate")
+    if kind == "out":
+        return _either(["the post-MLP norm" if sandwich else "", "the residual add",
+                        "the post-PLE norm and its add" if spec.ple is not None else "",
+                        "the layer scalar" if getattr(spec, "layer_scalar", False) else ""])
+    if name == "final_norm_input":
+        return "whatever is applied to the stream after the last layer"
+    if name == "logits":
+        return "the LM head (tied embedding) or the final softcap"
+    return "the embedding lookup or its sqrt(hidden) normalizer" if name == "embed" else ""
+
+
+def _either(parts: list[str]) -> str:
+    """'a, b or c' of the non-empty parts."""
+    parts = [p for p in parts if p]
+    return parts[0] if len(parts) == 1 else f"{', '.join(parts[:-1])} or {parts[-1]}"
+
+
+def blame(spec, name: str, isolated: bool) -> str:
+    """One line naming the wrong operation when ``name`` is the first probe that fails."""
+    kind = locate(name)[1]
+    if kind in SUBLAYERS:
+        what, inside = SUBLAYERS[kind]
+        layer = locate(name)[0]
+        donor = spec.layers[layer].kv_donor if layer is not None and kind == "attn" else None
+        if donor is not None:
+            inside += f", or the layer whose keys and values it shares (layer {donor}'s, from its own input)"
+        if isolated:
+            return f"{what} computes wrongly on the right input ({inside})"
+        return f"{what} or something before it (not isolated: the candidate gives no `{name}_input`)"
+    if kind.endswith("_input") and kind[: -len("_input")] in SUBLAYERS or name == "final_norm_input":
+        what = SUBLAYERS[kind[: -len("_input")] if name != "final_norm_input" else "final_norm"][0]
+        return f"{what}'s input is wrong: the bug is between `{_upstream(spec, name)}` and {what} ({_between(spec, name)})"
+    if name == "embed":
+        return f"the embedding is wrong ({_between(spec, name)})"
+    return f"the bug is between `{_upstream(spec, name)}` and `{name}` ({_between(spec, name)})"

@@ -69,15 +69,31 @@ def _gemma4_gain(name: str, w: torch.Tensor, shape, gen) -> torch.Tensor:
 class Batch:
     input_ids: torch.Tensor  # (B, T)
     attention_mask: torch.Tensor  # (B, T) 1 = token, 0 = padding
-    position_ids: torch.Tensor  # (B, T)
+    position_ids: torch.Tensor | None  # (B, T); None: the implementation counts positions from 0 itself
 
     @property
     def valid(self) -> torch.Tensor:
         return self.attention_mask.bool()
 
+    @property
+    def padded(self) -> bool:
+        return bool((self.attention_mask == 0).any())
+
     def prompts(self) -> list[list[int]]:
         """Each row's real tokens (left padding dropped)."""
         return [row[mask.bool()].tolist() for row, mask in zip(self.input_ids, self.attention_mask, strict=True)]
+
+    def rows(self, positions: bool = True) -> list[Batch]:
+        """Each row alone, its padding dropped: (1, real tokens) batches at positions 0..n-1 (given
+        explicitly, or left to the implementation with ``positions=False``)."""
+        out = []
+        for prompt in self.prompts():
+            ids = torch.tensor([prompt], dtype=self.input_ids.dtype)
+            out.append(Batch(ids, torch.ones_like(ids), torch.arange(ids.shape[1])[None] if positions else None))
+        return out
+
+    def without_positions(self) -> Batch:
+        return Batch(self.input_ids, self.attention_mask, None)
 
     def describe(self) -> str:
         b, t = self.input_ids.shape

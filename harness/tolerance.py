@@ -65,7 +65,10 @@ from .probes import locate
 class Tolerance:
     dtype: str
     limits: dict[str, float]  # metric -> limit, for every probe (kl_max: logits only)
-    per_kind: dict[str, dict[str, float]] = field(default_factory=dict)  # sublayer kind -> overrides
+    per_kind: dict[str, dict[str, float]] = field(default_factory=dict)  # probe kind -> overrides
+    # a sublayer judged alone (the reference sublayer rerun on the candidate's own input): kind ("*" for
+    # every kind) -> overrides of the limits above
+    isolated: dict[str, dict[str, float]] = field(default_factory=dict)
     # MoE: a token may pick other experts than the reference only if the reference's k-th and (k+1)-th
     # expert probabilities are closer than this (a near-tie that rounding can flip).
     router_margin: float = 0.0
@@ -73,16 +76,18 @@ class Tolerance:
     # allowed difference of any expert probability.
     router_probs: float = 0.0
 
-    def for_probe(self, name: str) -> dict[str, float]:
-        limits = {**self.limits, **self.per_kind.get(locate(name)[1], {})}
+    def for_probe(self, name: str, isolated: bool = False) -> dict[str, float]:
+        kind = locate(name)[1]
+        limits = {**self.limits, **self.per_kind.get(kind, {})}
+        if isolated:
+            limits |= {**self.isolated.get("*", {}), **self.isolated.get(kind, {})}
         if name != "logits":
             limits.pop("kl_max", None)
         return limits
 
-    def violations(self, name: str, metrics: dict[str, float]) -> list[str]:
+    def violations(self, name: str, metrics: dict[str, float], isolated: bool = False) -> list[str]:
         return [f"{key} {metrics[key]:.3g} > {limit:.3g}"
-                for key, limit in self.for_probe(name).items() if key in metrics and metrics[key] > limit]
-
+                for key, limit in self.for_probe(name, isolated).items() if key in metrics and metrics[key] > limit]
 
 
 POLICY_GEMMA4: dict[str, Tolerance] = {

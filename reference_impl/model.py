@@ -1,15 +1,24 @@
 """One decoder for every Gemma generation, driven by :class:`reference_impl.spec.ModelSpec`.
 
-Probe points (written to ``capture`` when a dict is passed):
-``embed``, ``layers.{i}.attn`` (attention output before its post-norm), ``layers.{i}.mlp`` (dense
-MLP output before its post-norm), ``layers.{i}.out`` (residual stream after layer i),
-``final_norm``, ``logits``; on Gemma 4 also ``layers.{i}.moe`` (expert branch output before its
-post-norm), ``layers.{i}.router`` (dispatch weights, (B, T, experts): the final weight of each chosen
-expert, 0 elsewhere), ``layers.{i}.router_probs`` (the router's softmax over all experts), ``layers.{i}.router_input``
-(what the router read) and ``layers.{i}.ple`` (per-layer-input branch before its post-norm).
+Probe points (written to ``capture`` when a dict is passed), in forward order: ``embed``; per layer
+``layers.{i}.attn_input`` (the pre-attention norm's output) and ``layers.{i}.attn`` (attention output
+before its post-norm), ``layers.{i}.mlp_input`` / ``layers.{i}.mlp`` (dense MLP input and output before
+its post-norm); on MoE layers ``layers.{i}.router_input`` (the post-attention residual the router
+reads), ``layers.{i}.router`` (dispatch weights, (B, T, experts): the final weight of each chosen
+expert, 0 elsewhere), ``layers.{i}.router_probs`` (the router's softmax over all experts),
+``layers.{i}.moe_input`` / ``layers.{i}.moe`` (experts input and output before its post-norm); on
+per-layer-embedding models ``layers.{i}.ple_input`` / ``layers.{i}.ple`` (the per-layer projection's
+input and output before its post-norm); ``layers.{i}.out`` (residual stream after layer i); then
+``final_norm_input``, ``final_norm`` and ``logits``.
+
+:meth:`Gemma.sublayer` reruns one sublayer on given inputs: the gate uses it to judge each sublayer
+of a candidate on the candidate's own input.
 """
 
 from __future__ import annotations
+
+import re
+from collections.abc import Mapping
 
 import torch
 from torch import nn
@@ -140,66 +149,126 @@ class Experts(nn.Module):
         return out.view(n, k, -1).sum(dim=1).to(x.dtype)
 
 
+def dispatch_weights(probs: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
+    """(N, E): each token's final weight at its chosen experts, 0 elsewhere (the ``router`` probe)."""
+    return torch.zeros_like(probs).scatter(-1, experts, weights)
+
+
+def routing_of(dispatch: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The inverse of :func:`dispatch_weights`: (weights (N, K), experts (N, K)) of a (N, E) dispatch."""
+    experts = torch.topk(dispatch.float(), k=top_k, dim=-1).indices
+    return dispatch.float().gather(-1, experts), experts
+
+
+class MoE(nn.Module):
+    """Gemma 4 26B-A4B: experts beside the dense MLP, both normed and summed. The router reads the raw
+    post-attention residual x; the experts read their own pre-norm of x::
+
+        mlp_out ── mlp_out_norm ──────────────────────────────(+)──▶
+        x ── router ── (weights, experts) ─┐                    │
+        x ── input_norm ── experts ────────┴── out_norm ────────┘
+    """
+
+    def __init__(self, spec: ModelSpec, moe: MoESpec):
+        super().__init__()
+        norm = lambda: RMSNorm(spec.hidden_size, spec)  # noqa: E731
+        self.router, self.experts = Router(spec, moe), Experts(spec, moe)
+        self.mlp_out_norm, self.input_norm, self.out_norm = norm(), norm(), norm()
+
+    def forward(self, x, mlp_out, capture, p, forced=None):
+        b, t, h = x.shape
+        flat = _put(capture, f"{p}.router_input", x).reshape(-1, h)
+        probs, weights, experts = self.router(flat, None if forced is None else forced.reshape(b * t, -1))
+        if capture is not None:
+            capture[f"{p}.router"] = dispatch_weights(probs, weights, experts).reshape(b, t, -1)
+            capture[f"{p}.router_probs"] = probs.reshape(b, t, -1)
+        normed = _put(capture, f"{p}.moe_input", self.input_norm(x)).reshape(-1, h)
+        y = _put(capture, f"{p}.moe", self.experts(normed, weights, experts).reshape(b, t, h))
+        return self.mlp_out_norm(mlp_out) + self.out_norm(y)
+
+
+class DenseOnly(nn.Module):
+    """No experts: the dense MLP's output passes through (the MoE slot of a dense layer)."""
+
+    def forward(self, x, mlp_out, capture, p, forced=None):
+        return mlp_out
+
+
+class PerLayerInput(nn.Module):
+    """Gemma 4 E-models: x + post_norm(proj(gelu(gate(x)) * per-layer input))."""
+
+    def __init__(self, spec: ModelSpec):
+        super().__init__()
+        self.gate, self.proj = _linear(spec.hidden_size, spec.ple.dim), _linear(spec.ple.dim, spec.hidden_size)
+        self.post_norm = RMSNorm(spec.hidden_size, spec)
+        self.activation = spec.activation
+
+    def forward(self, x, ple_input, capture, p):
+        gated = _put(capture, f"{p}.ple_input", ops.gelu(self.gate(x), self.activation) * ple_input)
+        return x + self.post_norm(_put(capture, f"{p}.ple", self.proj(gated)))
+
+
+class NoPerLayerInput(nn.Module):
+    def forward(self, x, ple_input, capture, p):
+        return x
+
+
+class LayerScalar(nn.Module):
+    """Gemma 4: the whole residual stream (not only this layer's update) times a checkpoint scalar, a
+    buffer in HF (loaded, not counted as a parameter)."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("scalar", torch.ones(1))
+
+    def forward(self, x):
+        return x * self.scalar
+
+
 class Block(nn.Module):
-    """Gemma 1: x + attn(norm(x)), then + mlp(norm(.)).
-    Gemma 2+: each sublayer output is normed again before the residual add ("sandwich").
-    Gemma 4: + experts beside the dense MLP, + a per-layer-input branch, then × layer_scalar."""
+    """One decoder layer, the same forward for every generation; what a generation lacks is an identity
+    module (litgpt's habit), so the forward has no branches::
+
+        x ─┬─ attn_norm ─ attn ─ attn_post_norm ─(+)─┬─ mlp_norm ─ mlp ─ moe ─ mlp_post_norm ─(+)─ ple ─ layer_scalar ─▶
+           └─────────────────────────────────────────┘└─────────────────────────────────────────┘
+
+    Gemma 1: no post norms (identity), no experts, no per-layer input, no scalar. Gemma 2/3: the
+    "sandwich" post norms. Gemma 4: + experts beside the dense MLP (:class:`MoE`), + the per-layer
+    input branch, × layer_scalar. Probes: ``{p}.attn_input``/``{p}.attn``, ``{p}.mlp_input``/``{p}.mlp``,
+    the MoE and PLE ones (see those modules) and ``{p}.out``.
+    """
 
     def __init__(self, spec: ModelSpec, layer: LayerSpec):
         super().__init__()
         norm = lambda: RMSNorm(spec.hidden_size, spec)  # noqa: E731
+        post_norm = norm if layer.sandwich_norms else nn.Identity
         self.layer = layer
-        self.attn_norm, self.attn, self.mlp_norm = norm(), Attention(spec, layer), norm()
-        self.mlp = MLP(spec.hidden_size, layer.intermediate_size, spec.activation)
-        if layer.sandwich_norms:
-            self.attn_post_norm, self.mlp_post_norm = norm(), norm()
-        if layer.moe is not None:
-            self.router, self.experts = Router(spec, layer.moe), Experts(spec, layer.moe)
-            self.mlp_branch_norm, self.moe_norm, self.moe_post_norm = norm(), norm(), norm()
-        if spec.ple is not None:
-            self.ple_gate, self.ple_proj = _linear(spec.hidden_size, spec.ple.dim), _linear(spec.ple.dim, spec.hidden_size)
-            self.ple_post_norm = norm()
-            self.activation = spec.activation
-        if spec.layer_scalar:  # a checkpoint buffer in HF (not a parameter): loaded, not counted
-            self.register_buffer("layer_scalar", torch.ones(1))
+        self.attn_norm, self.attn, self.attn_post_norm = norm(), Attention(spec, layer), post_norm()
+        self.mlp_norm, self.mlp = norm(), MLP(spec.hidden_size, layer.intermediate_size, spec.activation)
+        self.moe = MoE(spec, layer.moe) if layer.moe is not None else DenseOnly()
+        self.mlp_post_norm = post_norm()
+        self.ple = PerLayerInput(spec) if spec.ple is not None else NoPerLayerInput()
+        self.layer_scalar = LayerScalar() if spec.layer_scalar else nn.Identity()
 
     def forward(self, x, cos, sin, slots, valid, cache, shared, capture, ple_input=None, forced=None):
         p = f"layers.{self.layer.index}"
-        a = self.attn(self.attn_norm(x), cos, sin, slots, valid, cache, shared)
-        _put(capture, f"{p}.attn", a)
-        x = x + (self.attn_post_norm(a) if self.layer.sandwich_norms else a)
-        m = self.mlp(self.mlp_norm(x))
-        _put(capture, f"{p}.mlp", m)
-        if self.layer.moe is not None:
-            m = self.mlp_branch_norm(m) + self.moe_post_norm(self._moe(x, capture, p, forced))
-        x = x + (self.mlp_post_norm(m) if self.layer.sandwich_norms else m)
-        if ple_input is not None:
-            g = self.ple_proj(ops.gelu(self.ple_gate(x), self.activation) * ple_input)
-            _put(capture, f"{p}.ple", g)
-            x = x + self.ple_post_norm(g)
-        if hasattr(self, "layer_scalar"):
-            x = x * self.layer_scalar  # the whole residual stream, not only this layer's update
-        _put(capture, f"{p}.out", x)
-        return x
-
-    def _moe(self, x, capture, p, forced):
-        """Expert branch on the post-attention residual x (B, T, H); the router reads x itself."""
-        b, t, h = x.shape
-        flat = x.reshape(-1, h)
-        probs, weights, experts = self.router(flat, None if forced is None else forced.reshape(b * t, -1))
-        y = self.experts(self.moe_norm(flat), weights, experts).reshape(b, t, h)
-        if capture is not None:
-            dispatch = torch.zeros_like(probs).scatter(-1, experts, weights)
-            capture[f"{p}.router"] = dispatch.reshape(b, t, -1)
-            capture[f"{p}.router_probs"] = probs.reshape(b, t, -1)
-            capture[f"{p}.router_input"] = x
-            capture[f"{p}.moe"] = y
-        return y
+        h = _put(capture, f"{p}.attn_input", self.attn_norm(x))
+        a = _put(capture, f"{p}.attn", self.attn(h, cos, sin, slots, valid, cache, shared))
+        x = x + self.attn_post_norm(a)
+        m = _put(capture, f"{p}.mlp", self.mlp(_put(capture, f"{p}.mlp_input", self.mlp_norm(x))))
+        x = x + self.mlp_post_norm(self.moe(x, m, capture, p, forced))
+        x = self.ple(x, ple_input, capture, p)
+        return _put(capture, f"{p}.out", self.layer_scalar(x))
 
 
-def _put(capture: dict | None, name: str, value: torch.Tensor) -> None:
+_LAYER_PROBE = re.compile(r"^layers\.(\d+)\.(\w+)$")
+
+
+def _put(capture: dict | None, name: str, value: torch.Tensor) -> torch.Tensor:
+    """Record a probe (when capturing) and pass the value on."""
     if capture is not None:
         capture[name] = value
+    return value
 
 
 class PerLayerEmbeddings(nn.Module):
@@ -259,10 +328,9 @@ class Gemma(nn.Module):
         positions = self._positions(position_ids, valid, cache)
         slots = torch.arange(past, past + t, device=input_ids.device)
 
-        x = self.embed(input_ids) * torch.tensor(self.spec.embed_scale, dtype=self.dtype)
-        _put(capture, "embed", x)
+        x = _put(capture, "embed", self.embed(input_ids) * torch.tensor(self.spec.embed_scale, dtype=self.dtype))
         ple = self.ple(input_ids, x) if self.ple is not None else None  # (B, T, L, P)
-        tables = {key: ops.rope_cos_sin(positions, inv, self.dtype) for key, inv in self._inv_freq.items()}
+        tables = self._rope_tables(positions)
         shared: dict[int, tuple] = {}  # layer -> its (k, v, key slots, key validity), for KV-shared layers
         forced_routing = forced_routing or {}
         for i, block in enumerate(self.layers):
@@ -270,14 +338,58 @@ class Gemma(nn.Module):
             cos, sin = tables[(layer.head_dim, layer.rope)]
             x = block(x, cos, sin, slots, valid, cache, shared, capture,
                       None if ple is None else ple[:, :, i], forced_routing.get(i))
-        x = self.final_norm(x)
-        _put(capture, "final_norm", x)
+        x = _put(capture, "final_norm", self.final_norm(_put(capture, "final_norm_input", x)))
         logits = x @ self.embed.weight.T if self.lm_head is None else self.lm_head(x)
         logits = ops.softcap(logits, self.spec.final_softcap)
         _put(capture, "logits", logits)
         if cache is not None:
             cache.seen = past + t
         return logits
+
+    def _rope_tables(self, positions: torch.Tensor) -> dict:
+        """(head_dim, rope) -> (cos, sin), each (B, T, D) in the model dtype."""
+        return {key: ops.rope_cos_sin(positions, inv, self.dtype) for key, inv in self._inv_freq.items()}
+
+    @torch.no_grad()
+    def sublayer(self, probe: str, inputs: Mapping[str, torch.Tensor], attention_mask: torch.Tensor | None = None,
+                 position_ids: torch.Tensor | None = None, routing: torch.Tensor | None = None) -> torch.Tensor | None:
+        """This model's output of one sublayer probe (``layers.{i}.attn``, ``.mlp``, ``.moe``, ``.ple``, or
+        ``final_norm``) computed on given inputs rather than on its own stream: ``inputs[probe + "_input"]``,
+        shaped (B, T, ...) like the probe's input. A KV-shared layer's attention takes its keys and values
+        from its donor's input, ``inputs[f"layers.{donor}.attn_input"]``; ``moe`` uses the expert choice
+        ``routing`` ((B, T, experts) dispatch weights). None for any other probe."""
+        x = inputs[probe + "_input"].to(self.dtype)
+        if probe == "final_norm":
+            return self.final_norm(x)
+        match = _LAYER_PROBE.match(probe)
+        if match is None:
+            return None
+        i, kind = int(match.group(1)), match.group(2)
+        block, layer = self.layers[i], self.spec.layers[i]
+        b, t = x.shape[:2]
+        if kind == "mlp":
+            return block.mlp(x)
+        if kind == "ple" and isinstance(block.ple, PerLayerInput):
+            return block.ple.proj(x)
+        if kind == "moe" and isinstance(block.moe, MoE) and routing is not None:
+            weights, experts = routing_of(routing.reshape(b * t, -1), layer.moe.top_k)
+            return block.moe.experts(x.reshape(b * t, -1), weights, experts).reshape(b, t, -1)
+        if kind == "attn":
+            valid = self._valid(attention_mask, b, t)
+            cos, sin = self._rope_tables(self._positions(position_ids, valid, None))[(layer.head_dim, layer.rope)]
+            slots, shared = torch.arange(t), {}
+            if layer.kv_donor is not None:
+                donor = inputs[f"layers.{layer.kv_donor}.attn_input"].to(self.dtype)
+                shared[layer.kv_donor] = self.layers[layer.kv_donor].attn._own_kv(donor, cos, sin, slots, valid, None)
+            return block.attn(x, cos, sin, slots, valid, None, shared)
+        return None
+
+    @torch.no_grad()
+    def route(self, layer: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Layer ``layer``'s router on x (B, T, H): dispatch weights and probabilities, (B, T, experts)."""
+        b, t, h = x.shape
+        probs, weights, experts = self.layers[layer].moe.router(x.reshape(-1, h).to(self.dtype))
+        return dispatch_weights(probs, weights, experts).reshape(b, t, -1), probs.reshape(b, t, -1)
 
     def _check_ids(self, ids: torch.Tensor) -> None:
         if ids.dim() != 2:

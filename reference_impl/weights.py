@@ -68,23 +68,23 @@ def _layer_entries(spec: ModelSpec, layer: LayerSpec) -> list[tuple[str, str, tu
     if layer.moe is not None:
         e, i = layer.moe.num_experts, layer.moe.intermediate_size
         entries += [
-            ("router.proj.weight", "router.proj.weight", (e, h)),
-            ("router.scale", "router.scale", (h,)),
-            ("router.per_expert_scale", "router.per_expert_scale", (e,)),
-            ("experts.gate_up_proj", "experts.gate_up", (e, 2 * i, h)),
-            ("experts.down_proj", "experts.down", (e, h, i)),
-            ("post_feedforward_layernorm_1.weight", "mlp_branch_norm.weight", (h,)),
-            ("pre_feedforward_layernorm_2.weight", "moe_norm.weight", (h,)),
-            ("post_feedforward_layernorm_2.weight", "moe_post_norm.weight", (h,)),
+            ("router.proj.weight", "moe.router.proj.weight", (e, h)),
+            ("router.scale", "moe.router.scale", (h,)),
+            ("router.per_expert_scale", "moe.router.per_expert_scale", (e,)),
+            ("experts.gate_up_proj", "moe.experts.gate_up", (e, 2 * i, h)),
+            ("experts.down_proj", "moe.experts.down", (e, h, i)),
+            ("post_feedforward_layernorm_1.weight", "moe.mlp_out_norm.weight", (h,)),
+            ("pre_feedforward_layernorm_2.weight", "moe.input_norm.weight", (h,)),
+            ("post_feedforward_layernorm_2.weight", "moe.out_norm.weight", (h,)),
         ]
     if spec.ple is not None:
         entries += [
-            ("per_layer_input_gate.weight", "ple_gate.weight", (spec.ple.dim, h)),
-            ("per_layer_projection.weight", "ple_proj.weight", (h, spec.ple.dim)),
-            ("post_per_layer_input_norm.weight", "ple_post_norm.weight", (h,)),
+            ("per_layer_input_gate.weight", "ple.gate.weight", (spec.ple.dim, h)),
+            ("per_layer_projection.weight", "ple.proj.weight", (h, spec.ple.dim)),
+            ("post_per_layer_input_norm.weight", "ple.post_norm.weight", (h,)),
         ]
     if spec.layer_scalar:
-        entries.append(("layer_scalar", "layer_scalar", (1,)))
+        entries.append(("layer_scalar", "layer_scalar.scalar", (1,)))
     return entries
 
 

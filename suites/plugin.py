@@ -2,26 +2,38 @@
 
 * ``--candidate MODULE:OBJECT`` — a port to hold to the property suites (the same forms as
   ``gemma-harness conform --candidate``). Without it the suites run the reference and HF Transformers.
-* hypothesis profiles ``ci`` (bounded, derandomised: the same examples on every run) and ``nightly``
-  (200 fresh random examples per property and round; ``--nightly-minutes N`` keeps running rounds of
-  each property until its share of N minutes is spent), chosen with hypothesis' own
-  ``--hypothesis-profile``. The default is ``ci``.
+* hypothesis profiles ``ci`` (bounded and seeded: the same examples on every run, unless
+  ``--hypothesis-seed`` says otherwise) and ``nightly`` (200 fresh random examples per property and
+  round; ``--nightly-minutes N`` keeps running rounds of each property until its share of N minutes is
+  spent), chosen with hypothesis' own ``--hypothesis-profile``. The default is ``ci``. ``replay`` runs
+  only the examples stored in the database (what the replay line below uses). All keep
+  hypothesis' example database (``.hypothesis/`` in the working directory), so a failing example is
+  stored and replayed first on the next run.
 
-A failure prints hypothesis' shrunk minimal config and input, and a one-line replay command.
+A failure prints hypothesis' shrunk minimal config and input, and a one-line replay command: the same
+interpreter, working directory and ``PYTHONPATH`` (so the candidate imports again), which replays the
+stored failing example before searching anything else.
 """
 
 from __future__ import annotations
 
 import os
+import shlex
+import sys
 import time
 
 import pytest
-from hypothesis import HealthCheck, settings
+from hypothesis import HealthCheck, Phase, settings
 
 _COMMON = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
                                                       HealthCheck.function_scoped_fixture, HealthCheck.filter_too_much],
                print_blob=True)
-settings.register_profile("ci", max_examples=25, derandomize=True, **_COMMON)
+# Not derandomize=True: that disables the example database, and with it the replay of a failure. The
+# seed below makes the draws as repeatable.
+settings.register_profile("ci", max_examples=25, **_COMMON)
+CI_SEED = 0
+# Replays only what the example database holds (a stored failure), without searching for new examples.
+settings.register_profile("replay", max_examples=25, phases=(Phase.explicit, Phase.reuse), **_COMMON)
 settings.register_profile("nightly", max_examples=int(os.environ.get("GEMMA_NIGHTLY_EXAMPLES", "200")), **_COMMON)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
@@ -35,9 +47,31 @@ def pytest_addoption(parser):
 
 
 @pytest.hookimpl(trylast=True)
+def pytest_configure(config):
+    """The ``ci`` profile draws the same examples on every run: a fixed seed, unless one is given."""
+    from hypothesis import core
+
+    if settings.get_current_profile_name() == "ci" and core.global_force_seed is None:
+        core.global_force_seed = CI_SEED
+
+
+def keep_examples(test):
+    """Give a hypothesis test its example database back: hypothesis drops it when the seed is fixed
+    (as the ``ci`` profile does), and with it the replay of a stored failure."""
+    from hypothesis.internal.reflection import function_digest
+
+    inner = getattr(getattr(test, "hypothesis", None), "inner_test", None)
+    if inner is not None:
+        test._hypothesis_internal_database_key = function_digest(inner)
+    return test
+
+
+@pytest.hookimpl(trylast=True)
 def pytest_collection_modifyitems(config, items):
     minutes = config.getoption("--nightly-minutes", default=None)
     properties = [item for item in items if item.nodeid.startswith("suites/")]
+    for item in properties:
+        keep_examples(getattr(item, "obj", None))
     for item in properties:
         item._gemma_budget_s = minutes * 60 / len(properties) if minutes else None
 
@@ -73,6 +107,25 @@ def candidate_target(request):
     return request.config.getoption("--candidate")
 
 
+def _candidate_path(candidate: str | None) -> str:
+    """The directory the candidate's module was imported from (what PYTHONPATH needs to hold), or ''."""
+    module = sys.modules.get((candidate or "").partition(":")[0])
+    path = getattr(module, "__file__", None)
+    if not path:
+        return ""
+    depth = candidate.partition(":")[0].count(".") + 1
+    return os.path.dirname(os.path.abspath(path)).rsplit(os.sep, depth - 1)[0] if depth > 1 else os.path.dirname(os.path.abspath(path))
+
+
+def replay_command(nodeid: str, candidate: str | None) -> str:
+    """The command that replays a failed property: same directory (the example database lives there),
+    interpreter and PYTHONPATH; hypothesis tries the stored failing example first."""
+    paths = [p for p in [_candidate_path(candidate), os.environ.get("PYTHONPATH", "")] if p]
+    env = f"PYTHONPATH={shlex.quote(os.pathsep.join(paths))} " if paths else ""
+    cmd = f"cd {shlex.quote(os.getcwd())} && {env}{shlex.quote(sys.executable)} -m pytest {shlex.quote(nodeid)}"
+    return cmd + (f" --candidate {shlex.quote(candidate)}" if candidate else "") + " --hypothesis-profile=replay"
+
+
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item, call):
     """On a failed property, add the one command that replays it: hypothesis keeps the shrunk failing
@@ -80,6 +133,4 @@ def pytest_runtest_makereport(item, call):
     outcome = yield
     report = outcome.get_result()
     if report.when == "call" and report.failed and item.nodeid.startswith("suites/"):
-        candidate = item.config.getoption("--candidate")
-        cmd = f"python -m pytest '{item.nodeid}'" + (f" --candidate {candidate}" if candidate else "")
-        report.sections.append(("replay", cmd))
+        report.sections.append(("replay", replay_command(item.nodeid, item.config.getoption("--candidate"))))

@@ -42,14 +42,18 @@ def gemma1(draw) -> dict:
             "rope_parameters": {"rope_type": "default", "rope_theta": draw(st.sampled_from([1e4, 1e5]))}}
 
 
-def _layer_types(draw, n: int, all_sliding: bool = False) -> list[str]:
+def _layer_types(draw, n: int, all_sliding: bool = False, windowed: bool = False) -> list[str]:
+    """n layer types; ``windowed``: at least one sliding layer (so a window property can bite)."""
     if all_sliding:
         return [SLIDING] * n
-    return draw(st.lists(st.sampled_from([SLIDING, FULL]), min_size=n, max_size=n))
+    types = draw(st.lists(st.sampled_from([SLIDING, FULL]), min_size=n, max_size=n))
+    if windowed and n and SLIDING not in types:
+        types[draw(st.integers(0, n - 1))] = SLIDING
+    return types
 
 
 @st.composite
-def gemma2(draw, all_sliding: bool = False) -> dict:
+def gemma2(draw, all_sliding: bool = False, windowed: bool = False) -> dict:
     n = draw(st.integers(1, 5))
     cfg = _common(draw, draw(_heads()), n)
     return {"model_type": "gemma2", **cfg, "hidden_activation": "gelu_pytorch_tanh",
@@ -57,11 +61,11 @@ def gemma2(draw, all_sliding: bool = False) -> dict:
             "query_pre_attn_scalar": draw(st.sampled_from([cfg["head_dim"], int(cfg["head_dim"] * 1.125) + 1, 24])),
             "attn_logit_softcapping": draw(st.sampled_from([None, 20.0, 50.0])),
             "final_logit_softcapping": draw(st.sampled_from([None, 30.0])),
-            "sliding_window": draw(st.integers(2, 12)), "layer_types": _layer_types(draw, n, all_sliding)}
+            "sliding_window": draw(st.integers(2, 12)), "layer_types": _layer_types(draw, n, all_sliding, windowed)}
 
 
 @st.composite
-def gemma3(draw, all_sliding: bool = False) -> dict:
+def gemma3(draw, all_sliding: bool = False, windowed: bool = False) -> dict:
     n = draw(st.integers(1, 7))
     cfg = _common(draw, draw(_heads()), n)
     full = {"rope_type": "default", "rope_theta": 1e6}
@@ -71,18 +75,18 @@ def gemma3(draw, all_sliding: bool = False) -> dict:
             "rope_parameters": {"sliding_attention": {"rope_type": "default", "rope_theta": 1e4}, "full_attention": full},
             "query_pre_attn_scalar": draw(st.sampled_from([cfg["head_dim"], 24])),
             "final_logit_softcapping": draw(st.sampled_from([None, 30.0])),
-            "sliding_window": draw(st.integers(2, 12)), "layer_types": _layer_types(draw, n, all_sliding),
+            "sliding_window": draw(st.integers(2, 12)), "layer_types": _layer_types(draw, n, all_sliding, windowed),
             "use_bidirectional_attention": False}
 
 
 @st.composite
-def gemma4(draw, shape: str | None = None) -> dict:
+def gemma4(draw, shape: str | None = None, windowed: bool = False) -> dict:
     """One of the Gemma 4 shapes: dense (31B-like, K=V), moe (26B-A4B-like), edge (E2B/E4B-like: PLE,
     KV-shared tail, maybe double-wide MLP)."""
     shape = shape or draw(st.sampled_from(["dense", "moe", "edge"]))
     n = draw(st.integers(2, 7))
     n_heads, n_kv = draw(_heads())
-    types = _layer_types(draw, n - 1) + [FULL]  # HF forces the last layer global
+    types = _layer_types(draw, n - 1, windowed=windowed) + [FULL]  # HF forces the last layer global
     cfg = _common(draw, (n_heads, n_kv), n)
     cfg |= {"model_type": "gemma4_text", "hidden_activation": "gelu_pytorch_tanh", "layer_types": types,
             "global_head_dim": draw(st.sampled_from([16, 32])), "sliding_window": draw(st.integers(2, 12)),
@@ -121,9 +125,18 @@ _BY_FAMILY = {"gemma": gemma1, "gemma2": gemma2, "gemma3_text": gemma3, "gemma4_
 FAMILIES = tuple(_BY_FAMILY)
 
 
-def any_config(families=FAMILIES) -> st.SearchStrategy[dict]:
-    """Configs of the given HF model types (all generations by default)."""
-    return st.one_of(*(_BY_FAMILY[f]() for f in families))
+WINDOWED = ("gemma2", "gemma3_text", "gemma4_text")  # the generations with sliding layers
+
+
+def any_config(families=FAMILIES, windowed: bool = False) -> st.SearchStrategy[dict]:
+    """Configs of the given HF model types (all generations by default). ``windowed``: every config
+    has a sliding layer (Gemma 1, which has none, is drawn only if it is the only family asked for)."""
+    if not windowed:
+        return st.one_of(*(_BY_FAMILY[f]() for f in families))
+    with_windows = [f for f in families if f in WINDOWED]
+    if not with_windows:
+        return st.one_of(*(_BY_FAMILY[f]() for f in families))
+    return st.one_of(*(_BY_FAMILY[f](windowed=True) for f in with_windows))
 
 
 def all_sliding_config(families=FAMILIES) -> st.SearchStrategy[dict]:
@@ -133,12 +146,16 @@ def all_sliding_config(families=FAMILIES) -> st.SearchStrategy[dict]:
 
 
 @st.composite
-def batches(draw, config: dict, max_factor: int = 3, min_length: int = 1) -> Batch:
-    """Two rows: lengths `min_length` to ≥ 3x the window, the second row left-padded, ids over the whole
-    vocabulary (the first real token of each row is BOS)."""
+def batches(draw, config: dict, max_factor: int = 3, min_length: int = 1, padding: bool = True,
+            past_window: bool = False) -> Batch:
+    """Two rows: lengths `min_length` to >= 3x the window, the second row left-padded (unless ``padding``
+    is False: for a port without padding), ids over the whole vocabulary (the first real token of each
+    row is BOS). ``past_window``: rows longer than the window, so a window or cache-wrap bug can show."""
     window = config.get("sliding_window") or 8
-    length = draw(st.integers(min_length, max_factor * window + 2))
-    pad = draw(st.integers(0, length - 1))
+    if past_window:
+        min_length = max(min_length, window + 1)
+    length = draw(st.integers(min_length, max(min_length, max_factor * window + 2)))
+    pad = draw(st.integers(0, length - 1)) if padding else 0
     ids = torch.tensor(draw(st.lists(st.lists(st.integers(0, VOCAB - 1), min_size=length, max_size=length),
                                      min_size=2, max_size=2)))
     mask = torch.ones(2, length, dtype=torch.long)
@@ -147,3 +164,9 @@ def batches(draw, config: dict, max_factor: int = 3, min_length: int = 1) -> Bat
     ids[0, 0], ids[1, pad] = 2, 2
     positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
     return Batch(ids, mask, positions)
+
+
+def bites_the_window(config: dict, batch: Batch) -> bool:
+    """Whether a drawn case can exercise a sliding window: a sliding layer and a row longer than it."""
+    longest = int(batch.attention_mask.sum(dim=1).max())
+    return SLIDING in (config.get("layer_types") or []) and longest > (config.get("sliding_window") or 0)

@@ -11,9 +11,11 @@ same places they see in HF.
 Each mutant carries:
 
 * ``MODEL``: the tiny config it runs on (one whose structure exposes the bug);
-* ``EXPECTED``: the first probe that must diverge, derived from the probe semantics
-  (``layers.{i}.attn`` = o_proj output before the post-attention norm, ``layers.{i}.mlp`` = down_proj
-  output before the post-feedforward norm, ``layers.{i}.out`` = residual stream after the layer);
+* ``EXPECTED``: the first probe that must diverge, derived from the probe semantics: the wrong
+  operation itself. ``layers.{i}.attn`` / ``.mlp`` (o_proj / down_proj output before its post-norm) when
+  the sublayer computes wrongly on its own input; ``layers.{i}.attn_input`` / ``.mlp_input`` (what the
+  sublayer reads) when the bug lies before it (a norm, a residual add); ``layers.{i}.out`` (residual
+  stream after the layer) when it lies after the last sublayer;
 * ``BUG``: what the porter wrote; ``SOURCE``: where the bug is described
   (``numerics §5.1 #n`` = /work/shared/notes/hf-gemma-1-3-numerics.md, ``catalogue`` = peers notes Part B);
 * ``BF16``: large enough to be caught, at the same probe, in bfloat16 too (at least ~2x the bf16
@@ -218,7 +220,7 @@ class G1NoEmbedNormalizer(GemmaForCausalLM):
 
 class G1RMSNormNoOffset(GemmaForCausalLM):
     MODEL = "gemma-2b-tiny"
-    EXPECTED = "layers.0.attn"  # input_layernorm of layer 0 is the first norm; embed is before it
+    EXPECTED = "layers.0.attn_input"  # input_layernorm of layer 0 is the first norm: the attention's input is wrong
     BUG = "Llama RMSNorm x*w on every norm instead of x*(1+w)"
     SOURCE = "numerics §5.1 #1"
     BF16 = True
@@ -357,6 +359,33 @@ class G2NoPostFfwNorm(Gemma2ForCausalLM):
         super().__init__(config)
         for layer in self.model.layers:
             _bind(layer.post_feedforward_layernorm, _loaded_but_not_applied)
+
+
+def _post_attention_norm_on_sum(self, hidden_states, position_embeddings=None, attention_mask=None,
+                                position_ids=None, past_key_values=None, **kwargs):
+    """Gemma 2/3 decoder layer with the post-attention norm applied to residual + attention output
+    (x = norm(x + attn)) instead of to the attention output before the add (x = x + norm(attn))."""
+    residual = hidden_states
+    attn, _ = self.self_attn(hidden_states=self.input_layernorm(hidden_states), position_embeddings=position_embeddings,
+                             attention_mask=attention_mask, position_ids=position_ids, past_key_values=past_key_values,
+                             **kwargs)
+    hidden_states = self.post_attention_layernorm(residual + attn)
+    residual = hidden_states
+    hidden_states = self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(hidden_states)))
+    return residual + hidden_states
+
+
+class G2PostAttnNormOnResidualSum(Gemma2ForCausalLM):
+    MODEL = "gemma-2-9b-tiny"
+    EXPECTED = "layers.0.mlp_input"  # attention and MLP are right; what feeds the MLP is not
+    BUG = "post-attention norm applied to residual + attention output instead of to the attention output"
+    SOURCE = "issue 9 (a pre-norm habit: norm(x + f(x)) as in post-LN transformers)"
+    BF16 = True
+
+    def __init__(self, config):
+        super().__init__(config)
+        for layer in self.model.layers:
+            _bind(layer, _post_attention_norm_on_sum)
 
 
 class G2FinalNormNoOffset(Gemma2ForCausalLM):
@@ -515,7 +544,8 @@ class G3GqaTiled(_Ported, Gemma3ForCausalLM):
 MUTANTS = [
     G1ExactGelu, G1NoEmbedNormalizer, G1RMSNormNoOffset, G1InterleavedRope, G1IgnoresPadding,
     G2ExactGelu, G2NoFinalSoftcap, G2NoAttnSoftcap, G2WindowTooWide, G2WindowTooNarrow, G2GlobalOnEven,
-    G2WindowOnEveryLayer, G2GqaTiled, G2ScaleByHeadDim, G2NoPostFfwNorm, G2FinalNormNoOffset,
+    G2WindowOnEveryLayer, G2GqaTiled, G2ScaleByHeadDim, G2NoPostFfwNorm, G2PostAttnNormOnResidualSum,
+    G2FinalNormNoOffset,
     G3ExactGelu, G3NoEmbedNormalizer, G3LocalRopeBase1e6, G3NoGlobalRopeScaling, G3GlobalRopeBase1e4,
     G3GlobalEverySixthFromZero, G3AllLayersSliding, G3QKNormAfterRope, G3QKNormNoOffset, G3WindowTooWide,
     G3ScaleByHeadDim, G3GqaTiled,

@@ -35,6 +35,8 @@ import torch
 from torch import nn
 from transformers import Gemma4ForCausalLM
 
+from harness.adapters.base import Adapter
+from harness.adapters.hf import HFCausalLMAdapter
 from tests.mutant_tools import bind as _bind
 from tests.mutant_tools import private_config as _private_config
 from tests.mutant_tools import rotate_half as _rotate_half
@@ -216,6 +218,7 @@ class RouterPort:
     softmax: str = "all"  # softmax over all experts, top-k, renormalise | "top_k": softmax over the top-k logits
     renormalise: bool = True
     per_expert_scale: bool = True
+    expert_shift: int = 0  # chosen expert ids off by this much (mod E): an index bug in a port's top-k
 
 
 def _ported_router(port: RouterPort):
@@ -229,6 +232,9 @@ def _ported_router(port: RouterPort):
             weights = nn.functional.softmax(top_logits, dim=-1, dtype=torch.float32)
         else:
             weights, experts = torch.topk(probs, k=k, dim=-1)
+            if port.expert_shift:
+                experts = (experts + port.expert_shift) % probs.shape[-1]
+                weights = probs.gather(-1, experts)
             if port.renormalise:
                 weights = weights / weights.sum(dim=-1, keepdim=True)
         if port.per_expert_scale:
@@ -299,7 +305,7 @@ CONTROLS = [PortedGemma4E2BControl, PortedGemma4E4BControl, PortedGemma4MoEContr
 
 class G4NormOnePlusW(_Candidate, Gemma4ForCausalLM):
     MODEL = "gemma-4-31b-tiny"
-    EXPECTED = "layers.0.attn"  # input_layernorm (and q/k norms) of layer 0 are the first norms
+    EXPECTED = "layers.0.attn_input"  # input_layernorm of layer 0 is the first norm: the attention's input
     BUG = "Gemma 1-3 RMSNorm x*(1+w) on every scaled norm instead of x*w"
     SOURCE = "numerics §0.1, §5.1 #1"
     BF16 = True
@@ -378,6 +384,19 @@ class G4LayerScalarOnUpdate(_Ported, Gemma4ForCausalLM):
     LAYER = LayerPort(layer_scalar="update")
 
 
+class G4MlpExactGelu(_Candidate, Gemma4ForCausalLM):
+    MODEL = "gemma-4-e4b-tiny"
+    EXPECTED = "layers.0.mlp"  # the MLP computes wrongly on the right input
+    BUG = "exact-erf GELU in the dense MLP instead of the tanh approximation"
+    SOURCE = "numerics §5.1 #4 (Gemma 1-3); catalogue #19, #20 (the experts' twin of this bug)"
+    BF16 = False  # below bf16 rounding, as on Gemma 1-3
+
+    def __init__(self, config):
+        super().__init__(config)
+        for layer in self.model.layers:
+            layer.mlp.act_fn = nn.GELU()
+
+
 # --------------------------------------------------------------------------------------------------
 # MoE (26B-A4B)
 
@@ -400,9 +419,34 @@ class G4PerExpertScaleIgnored(_Ported, Gemma4ForCausalLM):
     ROUTER = RouterPort(per_expert_scale=False)
 
 
-class G4RouterAfterPreFfnNorm(_Ported, Gemma4ForCausalLM):
+class G4RouterWrongExperts(_Ported, Gemma4ForCausalLM):
     MODEL = "gemma-4-26b-a4b-tiny"
     EXPECTED = "layers.0.router"
+    BUG = "top-k expert ids off by one (each token routed to experts (i + 1) mod E, weights from those)"
+    SOURCE = "issue 9 (wrong experts must not pass when the reference is routed as the candidate)"
+    BF16 = True
+    ROUTER = RouterPort(expert_shift=1)
+
+
+class WrongExpertsWithoutRouterInput(Adapter):
+    """The same wrong-experts port behind an adapter that returns the router's dispatch but not its
+    input, so the router cannot be judged alone: its expert sets must then be compared with the
+    reference's own routing (the reference is rerun routed as the candidate for the later probes)."""
+
+    name = "wrong-experts-without-router-input"
+    MODEL, EXPECTED = G4RouterWrongExperts.MODEL, G4RouterWrongExperts.EXPECTED
+
+    def load(self, hf_config, state_dict, dtype):
+        self.inner = HFCausalLMAdapter(G4RouterWrongExperts)
+        self.inner.load(hf_config, state_dict, dtype)
+
+    def run(self, batch):
+        return {k: v for k, v in self.inner.run(batch).items() if not k.endswith(".router_input")}
+
+
+class G4RouterAfterPreFfnNorm(_Ported, Gemma4ForCausalLM):
+    MODEL = "gemma-4-26b-a4b-tiny"
+    EXPECTED = "layers.0.router_input"
     BUG = "router reads pre_feedforward_layernorm(x) instead of the raw post-attention residual"
     SOURCE = "numerics §1.8, §5.3 #37; catalogue #79 (shared-prenorm fusion)"
     BF16 = True  # the router's input is judged against the reference's post-attention residual
@@ -446,7 +490,7 @@ class G4KVDonorFirstOfType(_Ported, Gemma4ForCausalLM):
 
 class G4PleTableUnscaled(_Candidate, Gemma4ForCausalLM):
     MODEL = "gemma-4-e2b-tiny"
-    EXPECTED = "layers.0.ple"  # PLE enters after layer 0's attn and mlp
+    EXPECTED = "layers.0.ple_input"  # the per-layer input the projection reads is wrong
     BUG = "per-layer token table looked up without * sqrt(P)"
     SOURCE = "numerics §1.7, §5.2 #28; catalogue #81"
     BF16 = False  # bf16: caught at layers.0.ple, but rel_rms 0.168 is only 1.4x the 0.12 limit
@@ -458,7 +502,7 @@ class G4PleTableUnscaled(_Candidate, Gemma4ForCausalLM):
 
 class G4PleNoInvSqrt2(_Candidate, Gemma4ForCausalLM):
     MODEL = "gemma-4-e2b-tiny"
-    EXPECTED = "layers.0.ple"  # x sqrt(2) on the branch; post_per_layer_input_norm cancels it downstream
+    EXPECTED = "layers.0.ple_input"  # x sqrt(2) on the branch input; post_per_layer_input_norm cancels it downstream
     BUG = "(context projection + token table) not scaled by 2**-0.5"
     SOURCE = "numerics §1.7, §5.2 #29 (0.006 at the logits: only a per-sublayer probe sees it); catalogue #81"
     BF16 = True
@@ -470,7 +514,7 @@ class G4PleNoInvSqrt2(_Candidate, Gemma4ForCausalLM):
 
 class G4PleBeforeMlp(_Ported, Gemma4ForCausalLM):
     MODEL = "gemma-4-e4b-tiny"
-    EXPECTED = "layers.0.mlp"  # the MLP now reads a stream that already holds the PLE branch
+    EXPECTED = "layers.0.mlp_input"  # the MLP now reads a stream that already holds the PLE branch
     BUG = "per-layer input injected after the attention residual, before the MLP"
     SOURCE = "numerics §0.7, §1.7"
     BF16 = False  # bf16: caught at layers.0.mlp by rel_rms 0.122 vs 0.12: no margin
@@ -479,8 +523,8 @@ class G4PleBeforeMlp(_Ported, Gemma4ForCausalLM):
 
 MUTANTS = [
     G4NormOnePlusW, G4ScaleByHeadDim, G4PRopeContiguous, G4FullRopeOnGlobal, G4KEqVRoped, G4NoVNorm,
-    G4LayerScalarIgnored, G4LayerScalarOnUpdate,
-    G4RouterNoRenorm, G4PerExpertScaleIgnored, G4RouterAfterPreFfnNorm, G4ExpertsExactGelu,
+    G4LayerScalarIgnored, G4LayerScalarOnUpdate, G4MlpExactGelu,
+    G4RouterNoRenorm, G4PerExpertScaleIgnored, G4RouterWrongExperts, G4RouterAfterPreFfnNorm, G4ExpertsExactGelu,
     G4KVDonorOffset, G4KVDonorFirstOfType, G4PleTableUnscaled, G4PleNoInvSqrt2, G4PleBeforeMlp,
 ]
 

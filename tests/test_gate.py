@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from harness.adapters import AdapterError, resolve
+from harness.adapters.base import Unsupported
 from harness.gate import conform
 from harness.probes import canonical
 
@@ -54,15 +55,6 @@ def test_port_whose_forward_takes_fewer_arguments_is_still_judged():
     assert result.error is None and result.passed, result.verdict()
 
 
-def test_bad_candidate_strings_are_clear_errors():
-    with pytest.raises(AdapterError, match="MODULE:OBJECT"):
-        resolve("no_colon_here")
-    with pytest.raises(AdapterError, match="cannot import candidate module 'no_such_module_xyz'"):
-        resolve("no_such_module_xyz:Thing")
-    with pytest.raises(AdapterError, match="has no attribute 'Nope'"):
-        resolve("examples.my_port:Nope")
-
-
 class _Crashing:
     name = "crashing"
 
@@ -71,6 +63,90 @@ class _Crashing:
 
     def run(self, batch):
         raise RuntimeError("kernel exploded")
+
+
+def test_port_that_rejects_padding_is_judged_row_by_row_with_padding_unsupported():
+    """An HF subclass that raises on a left-padded mask: every probe is judged on each row alone, and
+    padding is its own capability line with the port's reason, neither a pass nor a crash."""
+    from tests.ports import Gemma2RejectsPadding
+
+    result = conform(Gemma2RejectsPadding.MODEL, candidate=Gemma2RejectsPadding)
+    assert result.passed and result.error is None, result.verdict()
+    assert not result.unsupported and len(result.probes) == len(canonical(4))
+    assert result.capabilities["padding"].status == "unsupported"
+    assert "left padding is not supported" in result.capabilities["padding"].reason
+    assert result.capabilities["position_ids"].status == "judged"
+    assert "padding: unsupported — NotImplementedError: left padding is not supported" in result.verdict()
+    data = result.to_json()
+    assert data["capabilities"]["padding"]["status"] == "unsupported"
+    assert "each row alone" in data["inputs"]
+
+
+def test_port_without_position_ids_is_judged_with_position_ids_unsupported():
+    from tests.ports import Gemma3NoPositionIds
+
+    result = conform(Gemma3NoPositionIds.MODEL, candidate=Gemma3NoPositionIds)
+    assert result.passed, result.verdict()
+    assert result.capabilities["position_ids"].status == "unsupported"
+    assert "takes no position_ids" in result.capabilities["position_ids"].reason
+    assert result.capabilities["padding"].status == "judged"  # the padded batch ran, positions its own
+
+
+class _Declares:
+    """An adapter that says up front it cannot pad, and raises Unsupported if given padding anyway."""
+
+    name = "declares-no-padding"
+    unsupported = {"padding": "single-sequence decoder"}
+
+    def load(self, hf_config, state_dict, dtype):
+        self.inner = resolve("hf")
+        self.inner.load(hf_config, state_dict, dtype)
+
+    def run(self, batch):
+        if batch.padded:
+            raise Unsupported("padding", "single-sequence decoder")
+        return self.inner.run(batch)
+
+
+def test_declared_padding_is_never_tried_and_rows_are_judged():
+    result = conform(MODEL, candidate=_Declares())
+    assert result.passed, result.verdict()
+    assert result.capabilities["padding"].line("padding") == "padding: unsupported — single-sequence decoder"
+
+
+def test_a_port_that_crashes_even_alone_is_an_error_not_unsupported():
+    result = conform(MODEL, candidate=_Crashing())
+    assert result.error and "kernel exploded" in result.error and not result.capabilities
+
+
+class _ReturnsTensor(_Crashing):
+    name = "returns-a-tensor"
+
+    def run(self, batch):
+        return torch.zeros(2, 3)
+
+
+class _WrongProbeShape(_Crashing):
+    name = "wrong-shape"
+
+    def run(self, batch):
+        return {"logits": torch.zeros(batch.input_ids.shape[1], 5)}
+
+
+def test_adapter_returning_the_wrong_thing_is_a_one_line_error():
+    result = conform(MODEL, candidate=_ReturnsTensor())
+    assert result.error == "returns-a-tensor: run() returned Tensor, expected a dict of probe name -> tensor"
+    result = conform(MODEL, candidate=_WrongProbeShape())
+    assert "probe 'logits' has shape" in result.error and "\n" not in result.error
+
+
+def test_bad_candidate_strings_are_clear_errors():
+    with pytest.raises(AdapterError, match="MODULE:OBJECT"):
+        resolve("no_colon_here")
+    with pytest.raises(AdapterError, match="cannot import candidate module 'no_such_module_xyz'"):
+        resolve("no_such_module_xyz:Thing")
+    with pytest.raises(AdapterError, match="has no attribute 'Nope'"):
+        resolve("examples.my_port:Nope")
 
 
 class _NaNAtLayer2:

@@ -25,7 +25,7 @@ from transformers import Gemma2ForCausalLM, Gemma3ForCausalLM, GemmaForCausalLM 
 import configs  # noqa: E402
 from harness.adapters.hf import hf_config_object  # noqa: E402
 from harness.gate import conform  # noqa: E402
-from harness.probes import locate  # noqa: E402
+from harness.probes import SUBLAYERS, locate  # noqa: E402
 from tests import mutants  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -34,6 +34,13 @@ HF_CLASS = {1: GemmaForCausalLM, 2: Gemma2ForCausalLM, 3: Gemma3ForCausalLM}
 
 def _generation(cls) -> int:
     return next(g for g, base in HF_CLASS.items() if issubclass(cls, base))
+
+
+# what the verdict says, by the kind of the first failing probe: a sublayer wrong on its own input, or
+# the operations between two probes
+BLAME = {kind: "computes wrongly on the right input" for kind in SUBLAYERS} | {
+    f"{kind}_input": "input is wrong: the bug is between" for kind in SUBLAYERS} | {
+    "out": "the bug is between", "logits": "the bug is between", "embed": "the embedding is wrong"}
 
 
 def _explain(result) -> str:
@@ -50,6 +57,7 @@ def _check_caught(cls, dtype: str) -> None:
     assert first.status == "fail", _explain(result)
     assert first.name == cls.EXPECTED, f"{cls.__name__}: expected {cls.EXPECTED}, {_explain(result)}"
     assert (first.layer, first.sublayer) == locate(cls.EXPECTED)
+    assert BLAME[first.sublayer] in first.note, _explain(result)  # the verdict names the kind of wrong operation
 
 
 # ------------------------------------------------------------------------------------------------
@@ -134,10 +142,12 @@ def test_bug_free_port_passes(cls, dtype):
 
 @pytest.mark.parametrize("cls", mutants.BELOW_NOISE, ids=lambda c: c.__name__)
 def test_below_noise_mutant_is_never_mislocalised(cls):
-    """Not required to fail; if a tighter gate ever catches it, it must blame the first norm's sublayer."""
+    """Not required to fail, but it must change the numbers (else the test tests nothing); if a tighter
+    gate ever catches it, it must blame the first norm: the attention's input."""
     result = conform(cls.MODEL, candidate=cls, dtype="float32")
     assert result.error is None
-    assert result.passed or result.first_divergence.name == "layers.0.attn", _explain(result)
+    assert max(p.metrics.get("max_abs", 0.0) for p in result.probes) > 0, "the mutant changed nothing"
+    assert result.passed or result.first_divergence.name == "layers.0.attn_input", _explain(result)
 
 
 # ------------------------------------------------------------------------------------------------

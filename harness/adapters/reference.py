@@ -9,10 +9,10 @@ from reference_impl.spec import ModelSpec
 from reference_impl.weights import build
 
 from ..synthetic import Batch
-from .base import feed_in_chunks
+from .base import Adapter, feed_in_chunks
 
 
-class ReferenceAdapter:
+class ReferenceAdapter(Adapter):
     name = "reference"
 
     def load(self, hf_config, state_dict, dtype: torch.dtype) -> None:
@@ -39,11 +39,10 @@ class ReferenceAdapter:
 
         return feed_in_chunks(batch, chunks, step)
 
-    @torch.no_grad()
     def route(self, layer: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The reference router of `layer` applied to x (B, T, H): dispatch weights and probabilities, (B, T, E)."""
-        b, t, h = x.shape
-        router = self.model.layers[layer].router
-        probs, weights, experts = router(x.reshape(-1, h).to(self.model.dtype))
-        dispatch = torch.zeros_like(probs).scatter(-1, experts, weights)
-        return dispatch.reshape(b, t, -1), probs.reshape(b, t, -1)
+        return self.model.route(layer, x)
+
+    def sublayer(self, probe: str, inputs, batch: Batch, routing: torch.Tensor | None = None) -> torch.Tensor | None:
+        """The reference's output of sublayer `probe` on given inputs (see :meth:`Gemma.sublayer`)."""
+        return self.model.sublayer(probe, inputs, batch.attention_mask, batch.position_ids, routing)

@@ -41,7 +41,7 @@ import torch
 from ..decode_check import DECODE_STEPS
 from ..model_dir import write_model_dir
 from ..synthetic import Batch
-from .base import AdapterError
+from .base import Adapter, AdapterError
 
 HEAD_SIZES = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)  # vLLM CPU attention's supported sizes
 MIN_HEAD_DIM = HEAD_SIZES[0]
@@ -67,7 +67,7 @@ def _last_error(stderr: str) -> str:
     return " ".join(detail)[:400]
 
 
-class VLLMAdapter:
+class VLLMAdapter(Adapter):
     name = "vllm"
     logits_form = "logprobs"
 
