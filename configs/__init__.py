@@ -21,7 +21,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-__all__ = ["ConfigError", "CONFIG_DIR", "names", "load", "hf_config"]
+__all__ = ["ConfigError", "CONFIG_DIR", "names", "load", "hf_config", "cut", "broken"]
 
 CONFIG_DIR = Path(__file__).resolve().parent
 
@@ -159,9 +159,22 @@ def _order(name: str) -> tuple[int, int, int, str]:
     return (data["generation"], pub["total"], data["tiny_of"] is not None, name)
 
 
+def broken() -> dict[str, str]:
+    """Config files that cannot be read (name -> the one-line reason); :func:`names` leaves them out."""
+    out = {}
+    for name in sorted(_all_names()):
+        try:
+            _order(name)
+        except (ConfigError, KeyError, TypeError) as exc:
+            out[name] = str(exc) if isinstance(exc, ConfigError) else f"{name}.json: {type(exc).__name__}: {exc}"
+    return out
+
+
 def names(tiny: bool | None = None) -> list[str]:
-    """All config names in generation / size order; ``tiny=True`` only the twins, ``False`` only released."""
-    out = sorted(_all_names(), key=_order)
+    """All readable config names in generation / size order; ``tiny=True`` only the twins, ``False`` only
+    released. A malformed file is left out (see :func:`broken`), so one bad file does not hide the rest."""
+    bad = broken()
+    out = sorted((n for n in _all_names() if n not in bad), key=_order)
     if tiny is None:
         return out
     return [n for n in out if (_read(n)["tiny_of"] is not None) == tiny]
@@ -180,3 +193,20 @@ def load(name: str) -> dict[str, Any]:
 def hf_config(name: str) -> dict[str, Any]:
     """A deep copy of the variant's HF ``config.json`` dict (text model)."""
     return load(name)["hf_config"]
+
+
+def cut(config: dict[str, Any], num_layers: int) -> dict[str, Any]:
+    """The config cut to its first ``num_layers`` layers (a full-size model that does not fit, gated in
+    part). Layer types are cut with it; Gemma 4's KV-shared tail keeps the layers of it that remain
+    (they read the same donors, which come before it)."""
+    total = config["num_hidden_layers"]
+    if not isinstance(num_layers, int) or not 1 <= num_layers <= total:
+        raise ValueError(f"cannot cut a {total}-layer model to {num_layers!r} layers (1 to {total})")
+    out = copy.deepcopy(config)
+    out["num_hidden_layers"] = num_layers
+    if isinstance(out.get("layer_types"), list):
+        out["layer_types"] = out["layer_types"][:num_layers]
+    shared = out.get("num_kv_shared_layers") or 0
+    if shared:
+        out["num_kv_shared_layers"] = max(0, num_layers - (total - shared))
+    return out

@@ -64,19 +64,38 @@ _CHUNK = 64  # tokens per float64 slice: keeps real-vocabulary logits (262k wide
 Tensors = torch.Tensor | Sequence[torch.Tensor]
 
 
-def _as_list(x: Tensors) -> list[torch.Tensor]:
-    return [x] if isinstance(x, torch.Tensor) else list(x)
+def _as_list(x) -> list:
+    return list(x) if isinstance(x, (list, tuple)) else [x]
 
 
-def real_tokens(t: torch.Tensor, valid: torch.Tensor) -> Iterator[torch.Tensor]:
+class _LazyRows:
+    """Some tokens of one row of a lazily computed tensor (``LazyLogits``): (tokens, vocab), computed a
+    slice at a time when sliced."""
+
+    def __init__(self, lazy, row: int, tokens: slice | torch.Tensor, n: int):
+        self.lazy, self.row, self.tokens = lazy, row, tokens
+        self.shape = (n, lazy.shape[-1])
+
+    def __getitem__(self, part: slice) -> torch.Tensor:
+        if isinstance(self.tokens, slice):
+            start = self.tokens.start + part.start
+            return self.lazy[self.row, slice(start, min(self.tokens.start + part.stop, self.tokens.stop))]
+        return self.lazy[self.row, self.tokens[part]]
+
+
+def real_tokens(t, valid: torch.Tensor) -> Iterator:
     """(B, T, ...) -> one (real tokens, features) tensor per row: a view when the row's real tokens are
-    contiguous (left padding), a copy otherwise."""
-    for row, mask in zip(t, valid, strict=True):
-        idx = mask.nonzero().flatten()
+    contiguous (left padding), a copy otherwise; rows of a lazily computed tensor stay lazy."""
+    for b in range(valid.shape[0]):
+        idx = valid[b].nonzero().flatten()
         if not idx.numel():
             continue
         start, end = int(idx[0]), int(idx[-1]) + 1
-        part = row[start:end] if end - start == idx.numel() else row[idx]
+        tokens = slice(start, end) if end - start == idx.numel() else idx
+        if not isinstance(t, torch.Tensor):
+            yield _LazyRows(t, b, tokens, idx.numel())
+            continue
+        part = t[b, tokens]
         yield part.reshape(part.shape[0], -1)
 
 
@@ -95,10 +114,11 @@ def _chunks(pairs) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
 
 
 def _first_nonfinite(pairs, side: int) -> tuple[int, int, bool] | None:
-    """(non-finite count, total count, any NaN) on one side of the pairs, or None if all finite."""
+    """(non-finite count, total count, any NaN) on one side of the pairs, or None if all finite. A lazily
+    computed side is not scanned here (it would be computed twice); its metrics show a non-finite value."""
     bad = total = 0
     nan = False
-    for chunk in _chunks(pairs):
+    for chunk in _chunks([p for p in pairs if isinstance(p[side], torch.Tensor)]):
         t = chunk[side]
         finite = torch.isfinite(t)
         total += t.numel()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import platform
 import time
 import traceback
@@ -13,12 +15,19 @@ import configs
 from reference_impl.spec import ModelSpec
 
 from . import probes as probe_names
+from . import version_string
 from .adapters import Adapter, AdapterError, ReferenceAdapter, resolve
 from .adapters.base import Unsupported, check_outputs, supports
+from .adapters.reference import LazyLogits
 from .compare import ProbeResult, compare_probe, routing_flips
 from .decode_check import DECODE_STEPS, judge_greedy
+from .footprint import Footprint, estimate
 from .synthetic import Batch, make_batch, random_state_dict
 from .tolerance import DTYPES, Tolerance, tolerance_for
+
+# logits larger than this (batch x tokens x vocabulary values) are computed by the reference a slice at a
+# time while they are compared, never held whole (a full-size 262k vocabulary over a beyond-window batch)
+LAZY_LOGITS_ABOVE = 2**27
 
 
 @dataclass
@@ -139,23 +148,59 @@ def environment(dtype: str) -> dict:
     return env
 
 
+@dataclass(frozen=True)
+class Plan:
+    """One gate run, decided before any work: what it runs, on what, and what it will need."""
+
+    label: str  # the model as every output names it ("gemma-3-4b (first 4 of 34 layers)" when cut)
+    model: str
+    dtype: str
+    seed: int
+    hf_config: dict
+    spec: ModelSpec
+    batch: Batch
+    footprint: Footprint
+
+    def key(self, candidate: str, implementation: str) -> dict:
+        """Everything that determines the result: a results file reused by ``--resume`` must match it."""
+        config = json.dumps(self.hf_config, sort_keys=True, default=str).encode()
+        return {"model": self.label, "dtype": self.dtype, "candidate": candidate, "implementation": implementation,
+                "seed": self.seed, "inputs": self.batch.describe(),
+                "config_sha256": hashlib.sha256(config).hexdigest()[:16], "harness": version_string()}
+
+
+def plan(model: str, candidate: Adapter | None = None, dtype: str = "float32", seed: int = 0,
+         layers: int | None = None) -> Plan:
+    """The run of `model` (a name from configs/; the first `layers` layers only, if given), with the
+    variant a candidate with ``prepare_config`` needs (vLLM: head sizes its kernels accept)."""
+    hf_config = configs.hf_config(model)
+    label = model
+    if layers is not None and layers != hf_config["num_hidden_layers"]:
+        label = f"{model} (first {layers} of {hf_config['num_hidden_layers']} layers)"
+        hf_config = configs.cut(hf_config, layers)
+    if isinstance(candidate, Adapter):
+        hf_config = candidate.prepare_config(hf_config)
+    spec = ModelSpec.from_hf_config(hf_config)
+    batch = make_batch(spec, seed)
+    footprint = estimate(spec, *batch.input_ids.shape, DTYPES[dtype])
+    return Plan(label, model, dtype, seed, hf_config, spec, batch, footprint)
+
+
 def conform(model: str, candidate: str | Adapter = "hf", dtype: str = "float32", seed: int = 0,
-            reference: Adapter | None = None) -> ConformanceResult:
+            reference: Adapter | None = None, layers: int | None = None) -> ConformanceResult:
     """Run `model` (a name from configs/) through the reference and the candidate; compare every probe.
 
     Weights are random (see :mod:`harness.synthetic`), drawn from `seed`, as are the inputs. A candidate
     with ``prepare_config(hf_config)`` (vLLM: head sizes its kernels accept) runs a variant of the twin
     it can execute; both implementations get that variant, and the result's inputs say how it differs.
+    ``layers`` cuts the model to its first layers (said so in the result's model name).
     """
-    hf_config = configs.hf_config(model)
     try:
         candidate = resolve(candidate)
     except AdapterError:
         pass  # compare_implementations records it as this run's error
-    if isinstance(candidate, Adapter):
-        hf_config = candidate.prepare_config(hf_config)
-    spec = ModelSpec.from_hf_config(hf_config)
-    return compare_implementations(model, hf_config, random_state_dict(spec, seed), make_batch(spec, seed),
+    run = plan(model, candidate if isinstance(candidate, Adapter) else None, dtype, seed, layers)
+    return compare_implementations(run.label, run.hf_config, random_state_dict(run.spec, seed), run.batch,
                                    candidate=candidate, dtype=dtype, reference=reference, seed=seed)
 
 
@@ -167,7 +212,7 @@ def compare_implementations(label: str, hf_config: dict, state: dict, batch: Bat
     torch_dtype = DTYPES[dtype]
     spec = ModelSpec.from_hf_config(hf_config)
     tol = tol or tolerance_for(dtype, spec.family)
-    reference = reference or ReferenceAdapter()
+    reference = reference or ReferenceAdapter(lazy_logits=batch.input_ids.numel() * spec.vocab_size > LAZY_LOGITS_ABOVE)
     name = candidate if isinstance(candidate, str) else getattr(candidate, "name", type(candidate).__name__)
     result = ConformanceResult(label, dtype, reference.name, name, inputs=batch.describe(), seed=seed,
                                environment=environment(dtype))
@@ -176,8 +221,10 @@ def compare_implementations(label: str, hf_config: dict, state: dict, batch: Bat
     try:
         adapter = resolve(candidate)
         result.candidate = adapter.name
+        before = _fingerprint(state)
         adapter.load(hf_config, state, torch_dtype)
         runs, result.capabilities = run_candidate(adapter, batch)
+        _check_untouched(adapter.name, state, before)
         generated = adapter.generate(batch, DECODE_STEPS) if supports(adapter, "generate") else None
     except AdapterError as exc:
         result.error = str(exc)
@@ -201,6 +248,24 @@ def compare_implementations(label: str, hf_config: dict, state: dict, batch: Bat
     result.environment.update((adapter.environment if adapter is not None else None) or {})
     result.wall_s = time.perf_counter() - start
     return result
+
+
+def _fingerprint(state: dict) -> dict[str, float]:
+    """A cheap checksum of every tensor (a strided sample of it): the reference holds these tensors
+    themselves, so a candidate must not write to them."""
+    out = {}
+    for name, t in state.items():
+        flat = t.detach().reshape(-1)
+        out[name] = float(flat[:: max(1, flat.numel() // 4096)].double().sum())
+    return out
+
+
+def _check_untouched(name: str, state: dict, before: dict[str, float]) -> None:
+    after = _fingerprint(state)
+    changed = [k for k in before if after[k] != before[k] and not (after[k] != after[k] and before[k] != before[k])]
+    if changed:
+        raise AdapterError(f"{name}: modified the weights it was given in place (tensor {changed[0]!r}); "
+                           "the reference shares them, so the comparison would be meaningless: copy before changing")
 
 
 def crash_line(exc: BaseException) -> str:
@@ -316,7 +381,10 @@ def _judge(spec, reference, runs, tol, reasons, logits_form="logits") -> list[Pr
         forced = _forced_routing(spec, cand_out)
         ref_out = reference.run(run_batch, forced_routing=forced) if forced else reference.run(run_batch)
         if logits_form == "logprobs":  # the candidate reports log-probabilities: compare log-softmaxed logits
-            ref_out = {**ref_out, "logits": torch.log_softmax(ref_out["logits"].float(), dim=-1)}
+            log_softmax = lambda x: torch.log_softmax(x.float(), dim=-1)  # noqa: E731
+            logits = ref_out["logits"]
+            ref_out = {**ref_out, "logits": logits.with_transform(log_softmax) if isinstance(logits, LazyLogits)
+                       else log_softmax(logits)}
         judged.append(_Run(run_batch, ref_out, cand_out, _isolate(spec, reference, run_batch, ref_out, cand_out)))
     return [_judge_probe(spec, reference, probe, judged, tol, reasons) for probe in probe_names.for_spec(spec)]
 

@@ -301,9 +301,11 @@ class Gemma(nn.Module):
             self.final_norm = RMSNorm(spec.hidden_size, spec)
             self.lm_head = None if spec.tie_embeddings else _linear(spec.hidden_size, spec.vocab_size)
         self.to(dtype)
-        # RoPE tables: fp32, one per distinct (head_dim, rope); never rounded to the model dtype.
+        # RoPE tables: fp32, one per distinct (head_dim, rope); never rounded to the model dtype. A model
+        # built on the meta device (to be filled by assignment) keeps its tables on the CPU.
+        table_device = "cpu" if torch.device(device).type == "meta" else device
         self._inv_freq = {
-            key: ops.rope_inv_freq(key[0], key[1].theta, key[1].linear_factor, key[1].rotary_fraction).to(device)
+            key: ops.rope_inv_freq(key[0], key[1].theta, key[1].linear_factor, key[1].rotary_fraction).to(table_device)
             for key in {(layer.head_dim, layer.rope) for layer in spec.layers}
         }
 
@@ -319,8 +321,10 @@ class Gemma(nn.Module):
         cache: KVCache | None = None,
         capture: dict[str, torch.Tensor] | None = None,
         forced_routing: dict[int, torch.Tensor] | None = None,  # layer -> (B, T, K) expert ids to use
+        with_logits: bool = True,
     ) -> torch.Tensor:
-        """Logits (B, T, V) for the new tokens; a ``cache`` makes it incremental."""
+        """Logits (B, T, V) for the new tokens (or, ``with_logits=False``, the final norm's output (B, T, H),
+        for a caller that applies :meth:`head` a slice at a time); a ``cache`` makes it incremental."""
         self._check_ids(input_ids)
         b, t = input_ids.shape
         past = cache.seen if cache is not None else 0
@@ -339,12 +343,14 @@ class Gemma(nn.Module):
             x = block(x, cos, sin, slots, valid, cache, shared, capture,
                       None if ple is None else ple[:, :, i], forced_routing.get(i))
         x = _put(capture, "final_norm", self.final_norm(_put(capture, "final_norm_input", x)))
-        logits = x @ self.embed.weight.T if self.lm_head is None else self.lm_head(x)
-        logits = ops.softcap(logits, self.spec.final_softcap)
-        _put(capture, "logits", logits)
         if cache is not None:
             cache.seen = past + t
-        return logits
+        return _put(capture, "logits", self.head(x)) if with_logits else x
+
+    def head(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits of final-norm outputs x (..., H): the LM head (the tied embedding) and the final softcap."""
+        logits = x @ self.embed.weight.T if self.lm_head is None else self.lm_head(x)
+        return ops.softcap(logits, self.spec.final_softcap)
 
     def _rope_tables(self, positions: torch.Tensor) -> dict:
         """(head_dim, rope) -> (cos, sin), each (B, T, D) in the model dtype."""

@@ -171,5 +171,23 @@ def read_safetensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
 
 
 def build(spec: ModelSpec, state_dict: Mapping[str, torch.Tensor], dtype: torch.dtype = torch.float32) -> Gemma:
-    """A reference model of ``spec`` in ``dtype`` holding ``state_dict``."""
-    return load_state_dict(Gemma(spec, dtype=dtype), state_dict).eval()
+    """A reference model of ``spec`` in ``dtype`` holding ``state_dict``.
+
+    Built on the meta device and filled by assignment: a tensor already in ``dtype`` is used as is (not
+    copied; the reference never writes to its weights), any other is cast once. A full-size model then
+    costs one copy of its weights, not two."""
+    check_state_dict(spec, state_dict)
+    model = Gemma(spec, dtype=dtype, device="meta")
+    with torch.no_grad():
+        for hf_name, ref_name in name_map(spec).items():
+            owner, _, leaf = ref_name.rpartition(".")
+            module = model.get_submodule(owner)
+            value = state_dict[hf_name].to(dtype)
+            if leaf in module._buffers:
+                module._buffers[leaf] = value
+            else:
+                module._parameters[leaf] = torch.nn.Parameter(value, requires_grad=False)
+    left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if left:
+        raise WeightError(f"reference parameter {left[0]!r} has no tensor in the checkpoint's name map")
+    return model.eval()

@@ -12,8 +12,34 @@ from ..synthetic import Batch
 from .base import Adapter, feed_in_chunks
 
 
+class LazyLogits:
+    """The reference's logits computed on demand, a slice of tokens at a time, from its final norm's
+    output: a full-size model's (batch, tokens, 262k-vocabulary) logits are never held whole. Indexed
+    as ``lazy[row, start:end]`` -> (tokens, vocab) tensor; ``transform`` (e.g. log-softmax) is applied
+    to each slice."""
+
+    def __init__(self, hidden: torch.Tensor, head, vocab: int, transform=None):
+        self.hidden, self.head, self.transform = hidden, head, transform
+        self.shape = (*hidden.shape[:2], vocab)
+
+    def __getitem__(self, index) -> torch.Tensor:
+        row, tokens = index
+        with torch.no_grad():
+            logits = self.head(self.hidden[row, tokens])
+        return self.transform(logits) if self.transform is not None else logits
+
+    def with_transform(self, transform) -> LazyLogits:
+        return LazyLogits(self.hidden, self.head, self.shape[-1], transform)
+
+
 class ReferenceAdapter(Adapter):
+    """The reference implementation. ``lazy_logits``: return the logits as :class:`LazyLogits` (the gate
+    does so for full-size vocabularies)."""
+
     name = "reference"
+
+    def __init__(self, lazy_logits: bool = False):
+        self.lazy_logits = lazy_logits
 
     def load(self, hf_config, state_dict, dtype: torch.dtype) -> None:
         self.model = build(ModelSpec.from_hf_config(hf_config), state_dict, dtype)
@@ -23,7 +49,9 @@ class ReferenceAdapter(Adapter):
         """All probes; `forced_routing` (layer -> (B, T, K) expert ids) makes MoE layers use those experts."""
         capture: dict[str, torch.Tensor] = {}
         self.model(batch.input_ids, batch.attention_mask, batch.position_ids, capture=capture,
-                   forced_routing=forced_routing)
+                   forced_routing=forced_routing, with_logits=not self.lazy_logits)
+        if self.lazy_logits:
+            capture["logits"] = LazyLogits(capture["final_norm"], self.model.head, self.model.spec.vocab_size)
         return capture
 
     @torch.no_grad()

@@ -34,6 +34,11 @@ import torch  # noqa: E402
 from .hf import _first  # noqa: E402
 
 
+def _named(name: str, position: int):
+    """Pick a module's input: keyword ``name``, else positional argument ``position``."""
+    return lambda args, kwargs: kwargs[name] if name in kwargs else (args[position] if len(args) > position else None)
+
+
 class Capture:
     """Forward hooks on a vLLM Gemma model writing flat (tokens, ...) tensors into ``self.probes``."""
 
@@ -48,13 +53,19 @@ class Capture:
                   "embed")
         for i, layer in enumerate(layers):
             p = f"layers.{i}"
+            self._pre(layer.self_attn, _named("hidden_states", 1), f"{p}.attn_input")
             self._post(layer.self_attn, f"{p}.attn")
+            self._pre(layer.mlp, _named("x", 0), f"{p}.mlp_input")
             self._post(layer.mlp, f"{p}.mlp")
             self._post(layer, f"{p}.out", self._stream)
             if getattr(layer, "router", None) is not None:
                 self._moe(layer, p)
             if getattr(layer, "per_layer_projection", None) is not None:
+                self._pre(layer.per_layer_projection, _named("input", 0), f"{p}.ple_input")
                 self._post(layer.per_layer_projection, f"{p}.ple")
+        # Gemma 1-3 fuse the last residual add into the final norm: norm(h, residual) reads h + residual
+        self._pre(inner.norm, lambda args, kwargs: args[0] if len(args) < 2 or args[1] is None else args[0] + args[1],
+                  "final_norm_input")
         self._post(inner.norm, "final_norm")
 
     @staticmethod
@@ -86,6 +97,7 @@ class Capture:
             self._keep(f"{p}.router_input", args[0])
 
         self._hooks.append(router.register_forward_hook(routed))
+        self._pre(layer.experts, _named("hidden_states", 0), f"{p}.moe_input")
         self._post(layer.experts, f"{p}.moe")
 
 
