@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 import platform
 import time
@@ -55,6 +56,7 @@ class ConformanceResult:
     wall_s: float = 0.0
     environment: dict = field(default_factory=dict)
     capabilities: dict[str, Capability] = field(default_factory=dict)
+    key: dict = field(default_factory=dict)  # what determines the result (Plan.key): --resume reuses only a match
 
     @property
     def lacking(self) -> list[str]:
@@ -127,6 +129,7 @@ class ConformanceResult:
             "closest_to_failing": None if self.closest is None else {
                 "probe": self.closest.name, "headroom": self.closest.headroom(),
             },
+            "key": self.key,
             "capabilities": {f: {"status": c.status, "reason": c.reason} for f, c in self.capabilities.items()},
             "inputs": self.inputs,
             "seed": self.seed,
@@ -195,13 +198,31 @@ def conform(model: str, candidate: str | Adapter = "hf", dtype: str = "float32",
     it can execute; both implementations get that variant, and the result's inputs say how it differs.
     ``layers`` cuts the model to its first layers (said so in the result's model name).
     """
+    given = candidate_label(candidate)
     try:
         candidate = resolve(candidate)
     except AdapterError:
         pass  # compare_implementations records it as this run's error
     run = plan(model, candidate if isinstance(candidate, Adapter) else None, dtype, seed, layers)
-    return compare_implementations(run.label, run.hf_config, random_state_dict(run.spec, seed), run.batch,
-                                   candidate=candidate, dtype=dtype, reference=reference, seed=seed)
+    result = compare_implementations(run.label, run.hf_config, random_state_dict(run.spec, seed), run.batch,
+                                     candidate=candidate, dtype=dtype, reference=reference, seed=seed)
+    result.key = run.key(given, result.candidate)
+    return result
+
+
+def candidate_label(candidate: str | Adapter) -> str:
+    """How a run names its candidate in its key: the string given, or the adapter's class (and source
+    file hash, so an edited port is not mistaken for the one that wrote a results file)."""
+    if isinstance(candidate, str):
+        return candidate
+    target = getattr(candidate, "model_class", None) or type(getattr(candidate, "inner", candidate))
+    label = f"{target.__module__}:{target.__qualname__}"
+    try:
+        source = inspect.getsourcefile(target)
+        digest = hashlib.sha256(open(source, "rb").read()).hexdigest()[:12] if source else ""
+    except (TypeError, OSError):
+        digest = ""
+    return f"{label}@{digest}" if digest else label
 
 
 def compare_implementations(label: str, hf_config: dict, state: dict, batch: Batch, candidate: str | Adapter = "hf",
@@ -465,4 +486,5 @@ def result_from_json(data: dict) -> ConformanceResult:
         probes=probes, error=data.get("error"), inputs=data.get("inputs", ""), seed=data.get("seed", 0),
         wall_s=data.get("wall_s", 0.0), environment=data.get("environment", {}),
         capabilities={f: Capability(c["status"], c.get("reason", "")) for f, c in data.get("capabilities", {}).items()},
+        key=data.get("key") or {},
     )
