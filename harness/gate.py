@@ -215,7 +215,8 @@ def candidate_label(candidate: str | Adapter) -> str:
     file hash, so an edited port is not mistaken for the one that wrote a results file)."""
     if isinstance(candidate, str):
         return candidate
-    target = getattr(candidate, "model_class", None) or type(getattr(candidate, "inner", candidate))
+    target = candidate if inspect.isclass(candidate) else (
+        getattr(candidate, "model_class", None) or type(getattr(candidate, "inner", candidate)))
     label = f"{target.__module__}:{target.__qualname__}"
     try:
         source = inspect.getsourcefile(target)
