@@ -1,6 +1,10 @@
 """``gemma-harness``: conformance gate and helpers.
 
-Exit codes: 0 everything passed; 1 a check failed or a candidate errored; 2 bad usage or input.
+Exit codes: 0 everything passed; 1 a check failed or a candidate errored (a malformed config file is
+its run's error); 2 bad usage or input, refused before any work (an unknown model or dtype, an output
+path that cannot be written, a file that is not a results file or that ``--resume`` may not reuse, a
+run that does not fit in memory); 3 an internal error of the harness, printed as one line
+(``GEMMA_HARNESS_DEBUG=1`` re-raises it, traceback and all); 130 interrupted.
 """
 
 from __future__ import annotations
@@ -9,16 +13,86 @@ import argparse
 import json
 import os
 import sys
+import tempfile
+from typing import TYPE_CHECKING
 
 import configs
 
-EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
+if TYPE_CHECKING:
+    from .adapters import Adapter
+    from .gate import ConformanceResult, Plan
+
+EXIT_OK, EXIT_FAIL, EXIT_USAGE, EXIT_INTERNAL, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
+_RUN_FIELDS = ("candidate", "implementation", "seed", "harness")  # the key fields every run of a command shares
+
+
+class Refused(Exception):
+    """Bad usage or input, found before any work: the message is the one line printed (exit 2)."""
+
+
+def _check_output_path(path: str | None, flag: str) -> str | None:
+    """Why ``path`` cannot be written (a folder, a parent that is a file, a place this process cannot
+    write to), or None. Checked before any work, so a long run does not end on a bad path; missing
+    folders are fine (they are created when it is written)."""
+    if path is None:
+        return None
+    target = os.path.abspath(path)
+    if os.path.isdir(target):
+        return f"{flag} {path}: is a directory"
+    parent = os.path.dirname(target)
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        return f"{flag} {path}: {parent} is a file, not a directory"
+    try:
+        tempfile.TemporaryFile(dir=parent).close()
+    except OSError as exc:
+        return f"{flag} {path}: cannot write in {parent} ({exc.strerror})"
+    return None
+
+
+def _check_outputs(args, *flags: str) -> None:
+    """Refuse the first of the output options ``flags`` (e.g. "--json") whose path cannot be written, or
+    two of them naming the same file (the second would overwrite the first)."""
+    seen: dict[str, str] = {}
+    for flag in flags:
+        path = getattr(args, flag.lstrip("-"))
+        problem = _check_output_path(path, flag)
+        if problem:
+            raise Refused(problem)
+        if path is not None:
+            same = seen.setdefault(os.path.realpath(path), flag)
+            if same != flag:
+                raise Refused(f"{same} and {flag} name the same file {path}: give each its own")
+
+
+def _dtypes(text: str) -> list[str]:
+    """The comma-separated dtypes (each once), each one the tolerance policy knows."""
+    from .tolerance import POLICY
+
+    dtypes = [d.strip() for d in text.split(",") if d.strip()]
+    for dtype in dtypes or [text]:
+        if dtype not in POLICY:
+            raise Refused(f"unknown dtype {dtype!r}; choose from {', '.join(POLICY)}")
+    return list(dict.fromkeys(dtypes))
+
+
+def _check_model(name: str) -> None:
+    """Refuse a model name that names no config file, or a malformed one."""
+    try:
+        configs.load(name)
+    except KeyError as exc:
+        raise Refused(exc.args[0]) from None
+    except configs.ConfigError as exc:
+        raise Refused(f"malformed config {exc}") from None
 
 
 def _cmd_configs(args) -> int:
     from reference_impl.spec import ModelSpec
     from reference_impl.weights import count_parameters
 
+    for reason in configs.broken().values():
+        print(f"warning: left out malformed config {reason}", file=sys.stderr)
     tiny = True if args.tiny else (False if args.released else None)
     rows = []
     for name in configs.names(tiny=tiny):
@@ -41,75 +115,182 @@ def _cmd_configs(args) -> int:
     return EXIT_OK
 
 
+def _conform_models(args) -> tuple[list[str], dict[str, str]]:
+    """The models to run, and the malformed config files (name -> reason): a malformed one asked for is its
+    run's ERROR, so one bad file neither hides the rest nor goes unnoticed."""
+    broken = configs.broken()
+    if args.all:  # a malformed file cannot say whether it is a twin: its name does
+        return configs.names(tiny=True) + [n for n in broken if n.endswith("-tiny")], broken
+    if not args.model:
+        raise Refused("give --model NAME or --all")
+    for model in args.model:
+        if model not in broken:
+            _check_model(model)
+    return list(dict.fromkeys(args.model)), broken
+
+
+def _check_layers(layers: int | None, models: list[str]) -> None:
+    """Refuse a ``--layers`` below 1 or above a model's layer count."""
+    if layers is None:
+        return
+    if layers < 1:
+        raise Refused(f"--layers {layers}: must be at least 1")
+    for model in models:
+        total = configs.hf_config(model)["num_hidden_layers"]
+        if layers > total:
+            raise Refused(f"--layers {layers}: {model} has only {total} layers")
+
+
+def _this_run(candidate: str, seed: int) -> tuple[Adapter | None, dict]:
+    """The candidate resolved once (its name goes into every run's key; a vLLM-like one changes the
+    config it runs), and the key fields all runs share. A candidate that cannot be resolved is left to
+    each run to report as its ERROR, named as given."""
+    from . import version_string
+    from .adapters import AdapterError, resolve
+    from .gate import candidate_label
+
+    try:
+        adapter = resolve(candidate)
+    except AdapterError:
+        adapter = None
+    implementation = adapter.name if adapter is not None else candidate
+    return adapter, {"candidate": candidate_label(candidate), "implementation": implementation, "seed": seed,
+                     "harness": version_string()}
+
+
+def _check_fits(plans: dict[tuple[str, str], Plan], adapter: Adapter | None, seed: int) -> None:
+    """Refuse, before any work, a run whose memory estimate exceeds what is available (it would be killed
+    by the kernel well into the run), with the figures and the largest ``--layers`` that would fit."""
+    from . import footprint
+    from .gate import plan
+    from .tolerance import DTYPES
+
+    free = footprint.available()
+    for (model, dtype), run in plans.items():
+        if footprint.fits(run.footprint, free):
+            continue
+        batch, tokens = run.batch.input_ids.shape
+        cut = footprint.largest_cut(lambda n, m=model, d=dtype: plan(m, adapter, d, seed, n).spec, batch, tokens,
+                                    DTYPES[dtype], configs.hf_config(model)["num_hidden_layers"], free)
+        hint = f"--layers {cut} would fit" if cut else "not even its first layer would fit"
+        raise Refused(f"{run.label} [{dtype}] needs {run.footprint.describe()}, which does not fit the "
+                      f"{free / footprint.GIB:.1f} GiB of memory available (with headroom); {hint}")
+
+
+def _fields(key: dict, names: list[str]) -> str:
+    return ", ".join(f"{name} {key.get(name)}" for name in names)
+
+
+def _resume_from(path: str, this_run: dict) -> dict[tuple[str, str], dict]:
+    """The records of ``path`` by (model, dtype), in file order and as stored: a run reuses the one whose
+    key equals its own, the rest are kept. Refused before any work when the file is not a results file,
+    or holds a record with no key (an older harness) or of another candidate, implementation, seed or
+    harness version: reusing it would report what this run did not compute. No file resumes nothing."""
+    from . import report
+
+    if not os.path.exists(path):
+        return {}
+    refusing = f"refusing to resume from {path}"
+    try:
+        records = report.load_records(path)
+    except report.ResultsFileError as exc:
+        raise Refused(f"{refusing}: {exc.reason}") from None
+    for record in records:
+        key = record.get("key")
+        if not isinstance(key, dict) or not key:
+            raise Refused(f"{refusing}: its {record['model']} [{record['dtype']}] has no key "
+                          "(written by an older harness); rerun without --resume")
+        differ = [name for name in _RUN_FIELDS if key.get(name) != this_run[name]]
+        if differ:
+            raise Refused(f"{refusing}: its results are for {_fields(key, differ)}; "
+                          f"this run is {_fields(this_run, differ)}")
+    return {(r["model"], r["dtype"]): r for r in records}
+
+
+def _unreadable(model: str, dtype: str, reason: str, this_run: dict) -> ConformanceResult:
+    """The run of a model whose config file is malformed: an ERROR naming the file and why."""
+    from .adapters import ReferenceAdapter
+    from .gate import ConformanceResult, environment
+
+    return ConformanceResult(model, dtype, ReferenceAdapter.name, this_run["implementation"],
+                             error=f"malformed config {reason}", seed=this_run["seed"],
+                             environment=environment(dtype), key={"model": model, "dtype": dtype, **this_run})
+
+
+def _write_conform_outputs(args, records: list[ConformanceResult | dict], results: list[ConformanceResult]) -> None:
+    """The JSON (with ``--resume``, every record of the file), JUnit XML and Markdown report as they stand:
+    written after every result, so an interrupted run keeps what it finished."""
+    from . import report
+
+    if args.json:
+        report.write_json(args.json, records)
+    if args.junit:
+        report.write_junit(args.junit, results)
+    if args.report:
+        report.write_atomic(args.report, report.markdown(results, title=args.title))
+
+
 def _cmd_conform(args) -> int:
     from tqdm import tqdm
 
     from . import report
-    from .gate import conform
-    from .tolerance import POLICY
+    from .gate import conform, plan, result_from_json
 
-    dtypes = [d.strip() for d in args.dtype.split(",") if d.strip()]
-    bad = [d for d in dtypes if d not in POLICY]
-    if bad:
-        print(f"error: unknown dtype {bad[0]!r}; choose from {', '.join(POLICY)}", file=sys.stderr)
-        return EXIT_USAGE
-    if args.all:
-        models = configs.names(tiny=True)
-    elif args.model:
-        models = args.model
-        for m in models:
-            try:
-                configs.load(m)
-            except KeyError as exc:
-                print(f"error: {exc.args[0]}", file=sys.stderr)
-                return EXIT_USAGE
-    else:
-        print("error: give --model NAME or --all", file=sys.stderr)
-        return EXIT_USAGE
+    dtypes = _dtypes(args.dtype)
+    models, broken = _conform_models(args)
+    readable = [m for m in models if m not in broken]
+    _check_layers(args.layers, readable)
+    _check_outputs(args, "--json", "--junit", "--report")
+    if args.resume and not args.json:
+        raise Refused("--resume needs --json PATH, the results file to resume from")
     candidate = args.candidate or args.against
-
-    done = {}
-    if args.resume and args.json and os.path.exists(args.json):
-        done = {(r.model, r.dtype): r for r in report.load_results(args.json)}
+    adapter, this_run = _this_run(candidate, args.seed)
     runs = [(m, d) for d in dtypes for m in models]
+    plans = {(m, d): plan(m, adapter, d, args.seed, args.layers) for d in dtypes for m in readable}
+    _check_fits(plans, adapter, args.seed)
+    records = _resume_from(args.json, this_run) if args.resume else {}
+
     results = []
-    show_tables = len(runs) == 1 or args.verbose
-    bar = tqdm(runs, desc="conform", unit="model", file=sys.stderr, disable=None if not args.quiet else True)
+    show_tables = not args.quiet and (len(runs) == 1 or args.verbose)
+    bar = tqdm(runs, desc="conform", unit="model", file=sys.stderr, disable=True if args.quiet else None)
     for model, dtype in bar:
         bar.set_postfix_str(f"{model} [{dtype}]")
-        if (model, dtype) in done:
-            result = done[(model, dtype)]
+        run = plans.get((model, dtype))
+        slot = (run.label if run else model, dtype)
+        key = run.key(this_run["candidate"], this_run["implementation"]) if run else None
+        reused = key is not None and records.get(slot, {}).get("key") == key
+        if reused:
+            result = result_from_json(records[slot])  # the record stays in the file as stored
+        elif run is None:
+            result = _unreadable(model, dtype, broken[model], this_run)
         else:
-            result = conform(model, candidate=candidate, dtype=dtype, seed=args.seed)
+            result = conform(model, candidate=candidate, dtype=dtype, seed=args.seed, layers=args.layers)
+        if not reused:  # a record with another key for this run (e.g. an edited config) is replaced in place
+            records[slot] = result
         results.append(result)
-        if args.json:  # written as each result completes: an interrupted run keeps what it finished
-            report.write_json(args.json, results)
+        _write_conform_outputs(args, list(records.values()), results)
         if show_tables and result.probes:
             tqdm.write(f"\n{result.model} [{result.dtype}]: {result.candidate} vs {result.reference}\n{report.probe_table(result)}", file=sys.stdout)
         elif not result.passed and result.probes and not args.quiet:
             tqdm.write(f"\n{report.probe_table(result)}", file=sys.stdout)
         tqdm.write(result.verdict(), file=sys.stdout)
     bar.close()
-    if len(results) > 1:
-        print("\n" + report.summary_table(results))
-    if args.junit:
-        report.write_junit(args.junit, results)
-    if args.report:
-        report.write_atomic(args.report, report.markdown(results, title=args.title))
     failed = [r for r in results if not r.passed]
-    total = sum(r.wall_s for r in results)
-    print(f"\n{len(results) - len(failed)} passed, {len(failed)} failed ({total:.1f} s)")
+    if not args.quiet:
+        if len(results) > 1:
+            print("\n" + report.summary_table(results))
+        print(f"\n{len(results) - len(failed)} passed, {len(failed)} failed ({sum(r.wall_s for r in results):.1f} s)")
     return EXIT_OK if not failed else EXIT_FAIL
 
 
 def _cmd_diff(args) -> int:
     from . import report
 
+    _check_outputs(args, "--report")
     try:
         a, b = report.load_results(args.a), report.load_results(args.b)
-    except (OSError, ValueError, KeyError) as exc:
-        print(f"error: cannot read results: {exc}", file=sys.stderr)
-        return EXIT_USAGE
+    except report.ResultsFileError as exc:
+        raise Refused(str(exc)) from None
     text, worse = report.diff_markdown(a, b)
     print(text)
     if args.report:
@@ -118,27 +299,64 @@ def _cmd_diff(args) -> int:
 
 
 def _cmd_calibrate(args) -> int:
-    from .calibrate import measure, summarise
+    dtypes = _dtypes(args.dtype)
+    for model in args.model or []:
+        _check_model(model)
+    seeds = _ints(args.seeds, "--seeds")
+    if args.drawn < 0:
+        raise Refused(f"--drawn {args.drawn}: must be 0 or more")
+    _check_outputs(args, "--json", "--report")
 
-    rows = measure(args.model or None, dtypes=[d.strip() for d in args.dtype.split(",")])
+    from tqdm import tqdm
+
+    from . import calibrate, report
+    from .gate import environment
+
+    mutant_modules = [m for group in args.mutants or [] for m in group.split(",") if m]
+    total = len(seeds) * len(dtypes) * (len(args.model or configs.names(tiny=True)) + args.drawn) * 2
+    with tqdm(total=total, desc="calibrate", unit="pair", file=sys.stderr, disable=None) as bar:
+        rows = calibrate.measure(args.model or None, dtypes=dtypes, seeds=seeds, drawn=args.drawn,
+                                 progress=bar.update)
+    mutant_rows = calibrate.mutants(mutant_modules, dtypes=dtypes) if mutant_modules else []
+    env = {k: v for k, v in environment("").items() if k != "dtype"}
+    checks = calibrate.margins(rows, mutant_rows)
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(rows, f, indent=1)
-    print(f"{'dtype':<9} {'pair':<18} {'kind':<11} {'worst max_rel':>13} {'worst rel_rms':>13} {'kl_max':>10}  worst max_rel at")
-    for (dtype, pair, kind), agg in sorted(summarise(rows).items()):
-        print(f"{dtype:<9} {pair:<18} {kind:<11} {agg['max_rel']:>13.3e} {agg['rel_rms']:>13.3e} {agg['kl_max']:>10.2e}  {agg['at']}")
-    return EXIT_OK
+        record = {"environment": env, "settings": calibrate.settings(seeds, args.drawn, args.model, mutant_modules),
+                  "rows": rows, "mutants": mutant_rows}
+        report.write_atomic(args.json, json.dumps(record, separators=(",", ":")) + "\n")
+    text = calibrate.markdown(rows, mutant_rows, env)
+    if args.report:
+        report.write_atomic(args.report, text)
+    below = [c for c in checks if not c["ok"]]
+    for c in below:
+        print(f"below margin: {calibrate.describe(c)}")
+    print(f"{len(checks) - len(below)} of {len(checks)} margin checks hold (limit >= {calibrate.MARGIN:g}x the spread "
+          f"of correct implementations, caught bugs >= {calibrate.MARGIN:g}x their limit)")
+    return EXIT_OK if not below else EXIT_FAIL
+
+
+def _ints(text: str, flag: str) -> list[int]:
+    try:
+        values = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise Refused(f"{flag} {text}: give comma-separated integers (e.g. 0,1,2)") from None
+    if not values:
+        raise Refused(f"{flag} {text}: give at least one")
+    return values
 
 
 def _cmd_realweights(args) -> int:
+    dtypes = _dtypes(args.dtype)
+    if args.tokens < 2:
+        raise Refused(f"--tokens {args.tokens}: must be at least 2 (the check predicts each next token)")
+    _check_outputs(args, "--json", "--report")
+
     from . import realweights, report
 
     try:
         loaded = realweights.load_real_model()
     except ImportError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_USAGE
-    dtypes = [d.strip() for d in args.dtype.split(",")]
+        raise Refused(str(exc)) from None
     results = realweights.run(dtypes, tokens=args.tokens, candidate=args.candidate or args.against, loaded=loaded)
     for r in results:
         print(f"\n{r.model} [{r.dtype}]: {r.candidate} vs {r.reference}; {r.inputs}\n{report.probe_table(r)}\n{r.verdict()}")
@@ -169,13 +387,18 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a third-party port: an adapter, or a torch module class with the HF *ForCausalLM interface")
     p.add_argument("--dtype", default="float32", help="float32, bfloat16, or both comma-separated (default float32)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--layers", type=int, metavar="N",
+                   help="cut each model to its first N layers (a full-size model that does not fit in memory)")
     p.add_argument("--json", metavar="PATH", help="write results as JSON (updated after every model)")
-    p.add_argument("--junit", metavar="PATH", help="write JUnit XML")
-    p.add_argument("--report", metavar="PATH", help="write a Markdown report")
+    p.add_argument("--junit", metavar="PATH", help="write JUnit XML (updated after every model)")
+    p.add_argument("--report", metavar="PATH", help="write a Markdown report (updated after every model)")
     p.add_argument("--title", default="Conformance report")
-    p.add_argument("--resume", action="store_true", help="skip the (model, dtype) runs already in --json")
-    p.add_argument("-v", "--verbose", action="store_true", help="print every model's probe table")
-    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar or failure tables")
+    p.add_argument("--resume", action="store_true",
+                   help="reuse the results in --json whose key (model, dtype, candidate, implementation, seed, "
+                        "inputs, config, harness version) equals the run's; keep the file's other records")
+    verbosity = p.add_mutually_exclusive_group()
+    verbosity.add_argument("-v", "--verbose", action="store_true", help="print every model's probe table")
+    verbosity.add_argument("-q", "--quiet", action="store_true", help="print only the one-line verdict per run")
     p.set_defaults(func=_cmd_conform)
 
     p = sub.add_parser("realweights", help="reference vs HF on the real Gemma 3 270M GGUF (needs the `real` extra)")
@@ -193,21 +416,47 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--report", metavar="PATH", help="write the Markdown table here too")
     p.set_defaults(func=_cmd_diff)
 
-    p = sub.add_parser("calibrate", help="measure the spread between correct implementations (tolerance basis)")
-    p.add_argument("--model", action="append")
+    p = sub.add_parser("calibrate", help="measure the spread between correct implementations and the size of "
+                                         "known bugs, and check the tolerance policy's margins against them")
+    p.add_argument("--model", action="append", help="a tiny model (repeatable; default: every twin)")
     p.add_argument("--dtype", default="float32,bfloat16")
-    p.add_argument("--json", metavar="PATH")
+    p.add_argument("--seeds", default="0,1,2", help="weight and input seeds (default 0,1,2)")
+    p.add_argument("--drawn", type=int, default=30, help="configs drawn by the property suites' strategies (default 30)")
+    p.add_argument("--mutants", action="append", metavar="MODULE",
+                   help="mutation-suite modules (e.g. tests.mutants,tests.mutants_gemma4): their bugs' sizes")
+    p.add_argument("--json", metavar="PATH", help="everything measured (reports/calibration.json)")
+    p.add_argument("--report", metavar="PATH", help="the margin table as Markdown (reports/calibration.md)")
     p.set_defaults(func=_cmd_calibrate)
     return parser
 
 
+def _crash_line(exc: BaseException) -> str:
+    """The gate's one-line form of an exception (type, message, innermost frame); type and message only
+    when the gate itself cannot be imported (a broken install)."""
+    try:
+        from .gate import crash_line
+    except ImportError:
+        return f"{type(exc).__name__}: {exc}"
+    return crash_line(exc)
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run one command. Every ending is an exit code (see the module docstring) with at most one line on
+    stderr, never a traceback, unless GEMMA_HARNESS_DEBUG=1 asks for one."""
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
+    except Refused as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
-        return 130
+        return EXIT_INTERRUPTED
+    except Exception as exc:  # noqa: BLE001 - a bug of the harness: one line, not a traceback
+        if os.environ.get("GEMMA_HARNESS_DEBUG") == "1":
+            raise
+        print(f"error: internal error: {_crash_line(exc)}", file=sys.stderr)
+        return EXIT_INTERNAL
 
 
 if __name__ == "__main__":

@@ -18,12 +18,12 @@ from reference_impl.spec import ModelSpec
 from . import probes as probe_names
 from . import version_string
 from .adapters import Adapter, AdapterError, ReferenceAdapter, resolve
-from .adapters.base import Unsupported, check_outputs, supports
+from .adapters.base import Unsupported, _import_object, check_outputs, supports
 from .adapters.reference import LazyLogits
 from .compare import ProbeResult, compare_probe, routing_flips
 from .decode_check import DECODE_STEPS, judge_greedy
 from .footprint import Footprint, estimate
-from .synthetic import Batch, make_batch, random_state_dict
+from .synthetic import Batch, conditioning_for, make_batch, random_state_dict
 from .tolerance import DTYPES, Tolerance, tolerance_for
 
 # logits larger than this (batch x tokens x vocabulary values) are computed by the reference a slice at a
@@ -168,7 +168,7 @@ class Plan:
         """Everything that determines the result: a results file reused by ``--resume`` must match it."""
         config = json.dumps(self.hf_config, sort_keys=True, default=str).encode()
         return {"model": self.label, "dtype": self.dtype, "candidate": candidate, "implementation": implementation,
-                "seed": self.seed, "inputs": self.batch.describe(),
+                "seed": self.seed, "inputs": f"{self.batch.describe()}; weights {conditioning_for(self.dtype).name}",
                 "config_sha256": hashlib.sha256(config).hexdigest()[:16], "harness": version_string()}
 
 
@@ -204,8 +204,10 @@ def conform(model: str, candidate: str | Adapter = "hf", dtype: str = "float32",
     except AdapterError:
         pass  # compare_implementations records it as this run's error
     run = plan(model, candidate if isinstance(candidate, Adapter) else None, dtype, seed, layers)
-    result = compare_implementations(run.label, run.hf_config, random_state_dict(run.spec, seed), run.batch,
-                                     candidate=candidate, dtype=dtype, reference=reference, seed=seed)
+    conditioning = conditioning_for(dtype)
+    result = compare_implementations(run.label, run.hf_config, random_state_dict(run.spec, seed, conditioning),
+                                     run.batch, candidate=candidate, dtype=dtype, reference=reference, seed=seed)
+    result.inputs += f"; weights drawn {conditioning.name} ({conditioning.purpose})"
     result.key = run.key(given, result.candidate)
     return result
 
@@ -214,16 +216,27 @@ def candidate_label(candidate: str | Adapter) -> str:
     """How a run names its candidate in its key: the string given, or the adapter's class (and source
     file hash, so an edited port is not mistaken for the one that wrote a results file)."""
     if isinstance(candidate, str):
-        return candidate
+        if ":" not in candidate:
+            return candidate  # a built-in implementation: its version is in the implementation's name
+        try:
+            target = _import_object(candidate)
+        except AdapterError:
+            return candidate
+        return f"{candidate}@{_source_digest(target)}" if _source_digest(target) else candidate
     target = candidate if inspect.isclass(candidate) else (
         getattr(candidate, "model_class", None) or type(getattr(candidate, "inner", candidate)))
     label = f"{target.__module__}:{target.__qualname__}"
-    try:
-        source = inspect.getsourcefile(target)
-        digest = hashlib.sha256(open(source, "rb").read()).hexdigest()[:12] if source else ""
-    except (TypeError, OSError):
-        digest = ""
+    digest = _source_digest(target)
     return f"{label}@{digest}" if digest else label
+
+
+def _source_digest(obj) -> str:
+    """sha256 (12 hex digits) of the file that defines ``obj``, or '' if it has none."""
+    try:
+        source = inspect.getsourcefile(obj if inspect.isclass(obj) or inspect.isfunction(obj) else type(obj))
+        return hashlib.sha256(open(source, "rb").read()).hexdigest()[:12] if source else ""
+    except (TypeError, OSError):
+        return ""
 
 
 def compare_implementations(label: str, hf_config: dict, state: dict, batch: Batch, candidate: str | Adapter = "hf",
@@ -376,18 +389,23 @@ def _forced_routing(spec, cand_out) -> dict[int, torch.Tensor]:
 
 
 def _isolate(spec, reference, run_batch, ref_out, cand_out) -> dict[str, torch.Tensor]:
-    """The reference's sublayers rerun on the candidate's own inputs (where the candidate gives them):
-    each sublayer is then judged alone, its input against the reference's stream."""
+    """What the reference computes from the candidate's own values, probe by probe: each sublayer rerun
+    on the candidate's input, and each stream probe (a sublayer's input, a layer's output) recomputed
+    from the candidate's upstream probes. Every probe is then judged on one operation alone, so rounding
+    drift does not accumulate over the layers and the first failing probe is the first wrong operation."""
     if not hasattr(reference, "sublayer"):
         return {}
-    inputs = {**ref_out, **cand_out}  # a KV-shared layer's donor input: the candidate's, else the reference's
+    values = {**ref_out, **cand_out}  # a KV-shared layer's donor input: the candidate's, else the reference's
     out = {}
     for probe in probe_names.for_spec(spec):
-        source = probe_names.input_of(probe)
-        if source is None or source not in cand_out or probe.endswith(".router"):
-            continue
-        routing = cand_out.get(probe.replace(".moe", ".router")) if probe.endswith(".moe") else None
-        value = reference.sublayer(probe, inputs, run_batch, routing)
+        upstream = probe_names.upstream_values(spec, probe)
+        if upstream is not None:
+            value = reference.stream(probe, values, run_batch) if all(u in cand_out for u in upstream) else None
+        elif probe_names.input_of(probe) in cand_out and not probe.endswith(".router"):
+            routing = cand_out.get(probe.replace(".moe", ".router")) if probe.endswith(".moe") else None
+            value = reference.sublayer(probe, values, run_batch, routing)
+        else:
+            value = None
         if value is not None:
             out[probe] = value
     return out
@@ -423,12 +441,33 @@ def _judge_probe(spec, reference, probe, runs: list[_Run], tol, reasons) -> Prob
     else:
         result = compare_probe(probe, ref, None if any(c is None for c in cand) else cand, valid, tol, reason,
                                isolated=isolated)
-    if probe_names.input_of(probe) and result.judged and not probe.endswith(".router"):
-        result.note = "; ".join(filter(None, ["judged on the candidate's own input" if isolated else
-                                              f"not isolated (no {probe}_input from the candidate)", result.note]))
+        if isolated and result.status in ("pass", "fail"):
+            _add_drift(result, probe, runs, cand, valid)
+    result.isolated = isolated and result.judged
+    if result.judged and not isolated and not probe.endswith(".router") and probe not in ("embed", "logits"):
+        missing = [u for u in (probe_names.upstream_values(spec, probe) or [probe_names.input_of(probe)])
+                   if u and any(u not in r.cand for r in runs)]
+        result.note = "; ".join(filter(None, [f"not isolated (the candidate gives no {', '.join(missing)})",
+                                              result.note]))
     if not result.passed and result.status != "error":
         result.note = f"{probe_names.blame(spec, probe, isolated)}; {result.note}"
     return result
+
+
+def _add_drift(result: ProbeResult, probe: str, runs: list[_Run], cand, valid) -> None:
+    """How far the candidate's value is from the reference's own stream (not gated: the accumulated
+    rounding of every operation before it, for the report)."""
+    if any(isinstance(r.ref[probe], LazyLogits) for r in runs):
+        return
+    drift = compare_probe(probe, [r.ref[probe] for r in runs], cand, valid, result_tolerance_free())
+    for key in ("max_rel", "rel_rms"):
+        if key in drift.metrics:
+            result.metrics[f"drift_{key}"] = drift.metrics[key]
+
+
+def result_tolerance_free() -> Tolerance:
+    inf = float("inf")
+    return Tolerance("none", {"max_rel": inf, "rel_rms": inf, "kl_max": inf}, router_margin=inf, router_probs=inf)
 
 
 def _judge_router(reference, probe, runs: list[_Run], tol, reason) -> ProbeResult:
@@ -481,7 +520,7 @@ def _check_routing(result: ProbeResult, probe, runs: list[_Run], tol) -> None:
 def result_from_json(data: dict) -> ConformanceResult:
     """Rebuild a result written by :meth:`ConformanceResult.to_json` (used to resume long runs)."""
     fields = ("name", "status", "metrics", "tolerance", "note")
-    probes = [ProbeResult(**{k: p[k] for k in fields}) for p in data.get("probes", [])]
+    probes = [ProbeResult(**{k: p[k] for k in fields}, isolated=bool(p.get("isolated"))) for p in data.get("probes", [])]
     return ConformanceResult(
         model=data["model"], dtype=data["dtype"], reference=data["reference"], candidate=data["candidate"],
         probes=probes, error=data.get("error"), inputs=data.get("inputs", ""), seed=data.get("seed", 0),

@@ -65,6 +65,29 @@ def input_of(name: str) -> str | None:
     return name + "_input" if kind in SUBLAYERS else None
 
 
+STREAM = ("attn_input", "mlp_input", "router_input", "moe_input", "ple_input", "out")  # + final_norm_input
+
+
+def upstream_values(spec, name: str) -> list[str] | None:
+    """The probes a stream probe is computed from (the reference recomputes it from the candidate's own
+    values of these, so the operations between them are judged alone), or None for other probes."""
+    if name == "final_norm_input":
+        return [f"layers.{spec.num_layers - 1}.out"]
+    layer, kind = locate(name)
+    if layer is None or kind not in STREAM:
+        return None
+    p = f"layers.{layer}"
+    prev = ["embed" if layer == 0 else f"layers.{layer - 1}.out"]
+    if kind == "attn_input":
+        return prev
+    if kind in ("mlp_input", "router_input", "moe_input"):
+        return prev + [f"{p}.attn"]
+    branches = [f"{p}.attn", f"{p}.mlp"] + ([f"{p}.moe"] if spec.layers[layer].moe is not None else [])
+    if kind == "ple_input":
+        return prev + branches + ["embed"]
+    return prev + branches + ([f"{p}.ple"] if spec.ple is not None else [])
+
+
 def _upstream(spec, name: str) -> str:
     """The probe before the operations that produce ``name`` (an input or a stream probe)."""
     layer, kind = locate(name)

@@ -56,10 +56,13 @@ def summary_table(results: Sequence[ConformanceResult]) -> str:
     return "\n".join(lines)
 
 
-def results_json(results: Sequence[ConformanceResult]) -> dict:
-    if len(results) == 1:
-        return results[0].to_json()
-    return {"passed": all(r.passed for r in results), "results": [r.to_json() for r in results]}
+def results_json(results: Sequence[ConformanceResult | dict]) -> dict:
+    """One result as its object, several as ``{"passed", "results"}``. A dict is a record kept as read
+    from a results file (``conform --resume``) and is written back unchanged."""
+    records = [r if isinstance(r, dict) else r.to_json() for r in results]
+    if len(records) == 1:
+        return records[0]
+    return {"passed": all(r.get("passed") is True for r in records), "results": records}
 
 
 def write_atomic(path: str | os.PathLike, text: str) -> None:
@@ -73,7 +76,7 @@ def write_atomic(path: str | os.PathLike, text: str) -> None:
     os.replace(tmp, path)
 
 
-def write_json(path, results: Sequence[ConformanceResult]) -> None:
+def write_json(path, results: Sequence[ConformanceResult | dict]) -> None:
     write_atomic(path, json.dumps(results_json(results), indent=2) + "\n")
 
 
@@ -117,11 +120,50 @@ def markdown(results: Sequence[ConformanceResult], title: str = "Conformance rep
     return "\n".join(out) + "\n"
 
 
+_JSON_KINDS = {list: "an array", str: "a string", int: "a number", float: "a number", bool: "a boolean",
+               type(None): "null"}
+
+
+class ResultsFileError(ValueError):
+    """A file that is not a ``conform --json`` results file: "<path>: <why>" (``reason`` is the why)."""
+
+    def __init__(self, path: str | os.PathLike, reason: str):
+        super().__init__(f"{os.fspath(path)}: {reason}")
+        self.reason = reason
+
+
+def load_records(path: str | os.PathLike) -> list[dict]:
+    """The records of a JSON file written by ``conform --json`` (one result or several), as stored, each
+    checked to rebuild as a result; anything else raises :class:`ResultsFileError`."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except OSError as exc:
+        raise ResultsFileError(path, f"cannot read it ({exc.strerror})") from None
+    except json.JSONDecodeError as exc:
+        raise ResultsFileError(path, f"not JSON ({exc.msg} at line {exc.lineno} column {exc.colno}, "
+                                     f"char {exc.pos})") from None
+    except UnicodeDecodeError as exc:
+        raise ResultsFileError(path, f"not JSON (not UTF-8 text at byte {exc.start})") from None
+    if not isinstance(data, dict):
+        raise ResultsFileError(path, f"not a results file: its top level is {_JSON_KINDS[type(data)]}, not an object")
+    records = data.get("results", [data])
+    if not isinstance(records, list):
+        raise ResultsFileError(path, "not a results file: its 'results' is not a list")
+    for i, record in enumerate(records, 1):
+        try:
+            result_from_json(record)
+        except KeyError as exc:
+            raise ResultsFileError(path, f"not a results file: result {i} lacks {exc.args[0]!r}") from None
+        except (TypeError, AttributeError, ValueError) as exc:
+            raise ResultsFileError(path, f"not a results file: result {i} is malformed "
+                                         f"({type(exc).__name__}: {exc})") from None
+    return records
+
+
 def load_results(path: str | os.PathLike) -> list[ConformanceResult]:
     """The results in a JSON file written by ``conform --json`` (one result or several)."""
-    with open(path) as f:
-        data = json.load(f)
-    return [result_from_json(item) for item in data.get("results", [data])]
+    return [result_from_json(record) for record in load_records(path)]
 
 
 def _label(results: Sequence[ConformanceResult]) -> str:

@@ -184,13 +184,19 @@ class MoE(nn.Module):
             capture[f"{p}.router_probs"] = probs.reshape(b, t, -1)
         normed = _put(capture, f"{p}.moe_input", self.input_norm(x)).reshape(-1, h)
         y = _put(capture, f"{p}.moe", self.experts(normed, weights, experts).reshape(b, t, h))
-        return self.mlp_out_norm(mlp_out) + self.out_norm(y)
+        return self.mix(mlp_out, y)
+
+    def mix(self, mlp_out: torch.Tensor, experts_out: torch.Tensor) -> torch.Tensor:
+        return self.mlp_out_norm(mlp_out) + self.out_norm(experts_out)
 
 
 class DenseOnly(nn.Module):
     """No experts: the dense MLP's output passes through (the MoE slot of a dense layer)."""
 
     def forward(self, x, mlp_out, capture, p, forced=None):
+        return mlp_out
+
+    def mix(self, mlp_out: torch.Tensor, experts_out=None) -> torch.Tensor:
         return mlp_out
 
 
@@ -204,8 +210,14 @@ class PerLayerInput(nn.Module):
         self.activation = spec.activation
 
     def forward(self, x, ple_input, capture, p):
-        gated = _put(capture, f"{p}.ple_input", ops.gelu(self.gate(x), self.activation) * ple_input)
-        return x + self.post_norm(_put(capture, f"{p}.ple", self.proj(gated)))
+        gated = _put(capture, f"{p}.ple_input", self.gated(x, ple_input))
+        return self.add(x, _put(capture, f"{p}.ple", self.proj(gated)))
+
+    def gated(self, x: torch.Tensor, ple_input: torch.Tensor) -> torch.Tensor:
+        return ops.gelu(self.gate(x), self.activation) * ple_input
+
+    def add(self, x: torch.Tensor, projected: torch.Tensor) -> torch.Tensor:
+        return x + self.post_norm(projected)
 
 
 class NoPerLayerInput(nn.Module):
@@ -254,11 +266,19 @@ class Block(nn.Module):
         p = f"layers.{self.layer.index}"
         h = _put(capture, f"{p}.attn_input", self.attn_norm(x))
         a = _put(capture, f"{p}.attn", self.attn(h, cos, sin, slots, valid, cache, shared))
-        x = x + self.attn_post_norm(a)
+        x = self.after_attention(x, a)
         m = _put(capture, f"{p}.mlp", self.mlp(_put(capture, f"{p}.mlp_input", self.mlp_norm(x))))
-        x = x + self.mlp_post_norm(self.moe(x, m, capture, p, forced))
+        x = self.after_mlp(x, self.moe(x, m, capture, p, forced))
         x = self.ple(x, ple_input, capture, p)
         return _put(capture, f"{p}.out", self.layer_scalar(x))
+
+    def after_attention(self, x: torch.Tensor, attn_out: torch.Tensor) -> torch.Tensor:
+        """The residual stream after the attention half: x + post_norm(attention output)."""
+        return x + self.attn_post_norm(attn_out)
+
+    def after_mlp(self, x: torch.Tensor, mlp_out: torch.Tensor) -> torch.Tensor:
+        """The residual stream after the MLP half (``mlp_out``: the MLP, or its mix with the experts)."""
+        return x + self.mlp_post_norm(mlp_out)
 
 
 _LAYER_PROBE = re.compile(r"^layers\.(\d+)\.(\w+)$")
@@ -389,6 +409,44 @@ class Gemma(nn.Module):
                 shared[layer.kv_donor] = self.layers[layer.kv_donor].attn._own_kv(donor, cos, sin, slots, valid, None)
             return block.attn(x, cos, sin, slots, valid, None, shared)
         return None
+
+    @torch.no_grad()
+    def stream(self, probe: str, values: Mapping[str, torch.Tensor], input_ids: torch.Tensor) -> torch.Tensor | None:
+        """This model's value of a stream probe computed from given upstream probe values instead of its
+        own stream: the operations *between* two probes, alone. With prev = ``layers.{i-1}.out`` (or
+        ``embed``), mid = prev + post-attention norm(``attn``), after = mid + post-MLP norm(``mlp``, mixed
+        with ``moe`` on MoE layers)::
+
+            attn_input = pre-attention norm(prev)      mlp_input = pre-MLP norm(mid)
+            router_input = mid                         moe_input = experts' pre-norm(mid)
+            ple_input = gelu(gate(after)) * per-layer input (from ``input_ids`` and ``embed``)
+            out = layer scalar(after + post-PLE norm(``ple``))     final_norm_input = last ``out``
+
+        None for any other probe."""
+        if probe == "final_norm_input":
+            return values[f"layers.{self.spec.num_layers - 1}.out"].to(self.dtype)
+        match = _LAYER_PROBE.match(probe)
+        if match is None:
+            return None
+        i, kind = int(match.group(1)), match.group(2)
+        block = self.layers[i]
+        value = lambda name: values[name].to(self.dtype)  # noqa: E731
+        prev = value("embed" if i == 0 else f"layers.{i - 1}.out")
+        if kind == "attn_input":
+            return block.attn_norm(prev)
+        if kind not in ("mlp_input", "router_input", "moe_input", "ple_input", "out"):
+            return None
+        mid = block.after_attention(prev, value(f"layers.{i}.attn"))
+        if kind in ("mlp_input", "router_input", "moe_input"):
+            return {"mlp_input": block.mlp_norm, "router_input": lambda x: x,
+                    "moe_input": getattr(block.moe, "input_norm", None)}[kind](mid)
+        experts_out = value(f"layers.{i}.moe") if isinstance(block.moe, MoE) else None
+        after = block.after_mlp(mid, block.moe.mix(value(f"layers.{i}.mlp"), experts_out))
+        if kind == "ple_input":
+            return block.ple.gated(after, self.ple(input_ids, value("embed"))[:, :, i])
+        if isinstance(block.ple, PerLayerInput):
+            after = block.ple.add(after, value(f"layers.{i}.ple"))
+        return block.layer_scalar(after)
 
     @torch.no_grad()
     def route(self, layer: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -18,9 +18,10 @@ Each mutant carries:
   stream after the layer) when it lies after the last sublayer;
 * ``BUG``: what the porter wrote; ``SOURCE``: where the bug is described
   (``numerics §5.1 #n`` = /work/shared/notes/hf-gemma-1-3-numerics.md, ``catalogue`` = peers notes Part B);
-* ``BF16``: large enough to be caught, at the same probe, in bfloat16 too (at least ~2x the bf16
-  limit there; checked by the suite). Bugs below bf16 rounding (exact GELU, the G2 softcap and
-  scale bugs) are gated in float32 only.
+* ``BF16``: large enough to be caught, at the same probe, in bfloat16 too: at least 3x the bf16
+  limit there on some gated metric (``gemma-harness calibrate`` measures it; ``tests/test_tolerance.py``
+  checks reports/calibration.json). Bugs below that (exact GELU, the G2 softcap and scale bugs) are
+  gated in float32 only.
 
 ``PortedGemma*Control`` run the same ported attention with no knob turned (and the mask rebuilt by
 the port itself): they must pass, which shows the mutants fail because of their bug and not because
@@ -353,7 +354,7 @@ class G2NoPostFfwNorm(Gemma2ForCausalLM):
     EXPECTED = "layers.0.out"  # the mlp probe is taken before post_feedforward_layernorm
     BUG = "post_feedforward_layernorm loaded but not applied (Gemma 1 wiring for the MLP half)"
     SOURCE = "numerics §5.1 #18"
-    BF16 = False  # bf16 layers.0.out max_rel 0.24 vs limit 0.2: caught, but too close to rely on
+    BF16 = False  # bf16: layers.0.out rel_rms 0.026 vs limit 0.025: caught, but 1.05x, not the 3x a check needs
 
     def __init__(self, config):
         super().__init__(config)
@@ -434,7 +435,7 @@ class G3LocalRopeBase1e6(Gemma3ForCausalLM):
     EXPECTED = "layers.0.attn"
     BUG = "local (sliding) layers use the global RoPE base 1e6 instead of 1e4"
     SOURCE = "numerics §5.1 #20; catalogue llama.cpp#14367"
-    BF16 = False  # caught in bf16 too, but only 1.4x over the attn limit at T=48: not a stable check
+    BF16 = True  # bf16: layers.0.attn rel_rms 0.119, 4.8x the 0.025 limit (reports/calibration.md)
 
     def __init__(self, config):
         rope = copy.deepcopy(config.rope_parameters)
@@ -528,7 +529,7 @@ class G3ScaleByHeadDim(_Ported, Gemma3ForCausalLM):
     EXPECTED = "layers.0.attn"
     BUG = "attention scale head_dim**-0.5 instead of query_pre_attn_scalar**-0.5"
     SOURCE = "numerics §5.1 #11; catalogue row 24"
-    BF16 = True  # bf16: caught at layers.0.attn by rel_rms 0.080 > 0.064 (max_rel 0.34 is inside 0.5)
+    BF16 = True  # bf16: layers.0.attn rel_rms 0.092, 3.7x the 0.025 limit (the smallest bf16 margin)
     PORT = AttentionPort(scale="head_dim")
 
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import copy
 import functools
-import importlib
 import json
 
 import pytest
@@ -289,16 +288,10 @@ def test_hf_meta_param_count_matches_published(name):
 @pytest.mark.parametrize("name", RELEASED + TINY)
 def test_reference_impl_param_count(name):
     """reference_impl's own count equals HF's exactly, and (released) the published figure within tolerance."""
-    spec_mod = importlib.import_module("reference_impl.spec")
-    weights_mod = importlib.import_module("reference_impl.weights")
-    count_parameters = getattr(weights_mod, "count_parameters", None)
-    model_spec = getattr(spec_mod, "ModelSpec", None)
-    from_hf_config = getattr(model_spec, "from_hf_config", None)
-    if count_parameters is None:
-        pytest.skip("reference_impl.weights.count_parameters not available")
-    if from_hf_config is None:
-        pytest.skip("reference_impl.spec.ModelSpec.from_hf_config not available")
-    counts = count_parameters(from_hf_config(configs.hf_config(name)))
+    from reference_impl.spec import ModelSpec
+    from reference_impl.weights import count_parameters
+
+    counts = count_parameters(ModelSpec.from_hf_config(configs.hf_config(name)))
     assert {k: counts[k] for k in ("total", "embedding", "non_embedding")} == hf_meta_counts(name)
     if name in RELEASED:
         assert_matches_published(name, counts, "reference_impl")

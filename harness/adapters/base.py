@@ -236,9 +236,13 @@ def resolve(target: str | Adapter | type) -> Adapter:
 
             return VLLMAdapter()
         if target == "litgpt":
-            from .litgpt import LitGPTAdapter
+            try:
+                from .litgpt import LitGPTAdapter
 
-            return LitGPTAdapter()
+                return LitGPTAdapter()
+            except ImportError as exc:  # importlib.metadata.PackageNotFoundError included
+                raise AdapterError("litgpt is not installed: pip install -e '.[ports]' && pip install --no-deps "
+                                   f"litgpt==0.5.13 ({type(exc).__name__}: {exc})") from exc
         label, target = target, _import_object(target)
     else:
         label = getattr(target, "__name__", type(target).__name__)

@@ -71,6 +71,10 @@ class ReferenceAdapter(Adapter):
         """The reference router of `layer` applied to x (B, T, H): dispatch weights and probabilities, (B, T, E)."""
         return self.model.route(layer, x)
 
+    def stream(self, probe: str, values, batch: Batch) -> torch.Tensor | None:
+        """The reference's value of stream probe `probe` from given upstream values (see :meth:`Gemma.stream`)."""
+        return self.model.stream(probe, values, batch.input_ids)
+
     def sublayer(self, probe: str, inputs, batch: Batch, routing: torch.Tensor | None = None) -> torch.Tensor | None:
         """The reference's output of sublayer `probe` on given inputs (see :meth:`Gemma.sublayer`)."""
         return self.model.sublayer(probe, inputs, batch.attention_mask, batch.position_ids, routing)
