@@ -4,11 +4,11 @@
    interface. The gate builds it as ``MyGemma2ForCausalLM(hf_config)``, loads the HF state dict,
    calls ``model(input_ids=..., attention_mask=..., position_ids=..., use_cache=False)`` and reads
    ``.logits``; per-layer probes come from forward hooks on ``model.model.layers[i]`` and its
-   ``self_attn`` and ``mlp``, plus ``model.model.embed_tokens`` and ``model.model.norm``.
+   ``self_attn`` and ``mlp`` (their inputs too), plus ``model.model.embed_tokens`` and ``model.model.norm``.
 
-2. ``examples.my_port:LogitsOnlyAdapter`` — an adapter: any object with ``name``, ``load()`` and
-   ``run()``. This one returns only logits, so every per-layer probe is reported as unsupported
-   (with the reason) and the logits are still judged.
+2. ``examples.my_port:LogitsOnlyAdapter`` — an adapter: a subclass of ``harness.adapters.Adapter``
+   with ``name``, ``load()`` and ``run()``. This one returns only logits, so every per-layer probe is
+   reported as unsupported (with the reason) and the logits are still judged.
 
 Here both wrap HF Transformers so the example runs anywhere; a real port puts its own code there.
 """
@@ -18,12 +18,14 @@ from __future__ import annotations
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, Gemma2ForCausalLM
 
+from harness.adapters import Adapter
+
 
 class MyGemma2ForCausalLM(Gemma2ForCausalLM):
     """Stands in for a port's own module tree (model.model.layers[i].self_attn / .mlp)."""
 
 
-class LogitsOnlyAdapter:
+class LogitsOnlyAdapter(Adapter):
     name = "logits-only-example"
     unsupported = {"*": "this adapter exposes logits only"}
 

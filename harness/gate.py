@@ -86,15 +86,16 @@ class ConformanceResult:
         wraps probe names (e.g. a backtick for Markdown)."""
         if self.error:
             return self.error
+        lacking = "".join(f"; {line}" for line in self.lacking)
         first = self.first_divergence
         if first is not None:
-            return f"first divergence at {code}{first.name}{code}: {first.note}"
+            return f"first divergence at {code}{first.name}{code}: {first.note}{lacking}"
         closest = self.closest
         if closest is None:
-            return ""
+            return lacking.removeprefix("; ")
         if closest.headroom() == 0:
-            return "bit-exact at every probe"
-        return f"closest to failing: {code}{closest.name}{code} at {closest.headroom():.2g} of tolerance"
+            return f"bit-exact at every probe{lacking}"
+        return f"closest to failing: {code}{closest.name}{code} at {closest.headroom():.2g} of tolerance{lacking}"
 
     def verdict(self) -> str:
         if self.error:
@@ -102,15 +103,13 @@ class ConformanceResult:
         first = self.first_divergence
         if first is not None:
             where = f"layer {first.layer} {first.sublayer}" if first.layer is not None else first.name
-            lacking = "".join(f"; {line}" for line in self.lacking)
             return (f"FAIL {self.model} [{self.dtype}] {self.candidate}: first divergence at {first.name} ({where}): "
-                    f"{first.note}{lacking}")
+                    f"{self.standing().split(': ', 1)[1]}")
         skipped = f"; {len(self.unsupported)} probes unsupported" if self.unsupported else ""
         flips = sum(int(p.metrics.get("tokens_flipped", 0)) for p in self.probes)
         if flips:
             skipped += f"; {flips} token-layer expert choices flipped on near-ties (rest judged with the candidate's routing)"
-        tail = f"; {self.standing()}" if self.closest is not None else ""
-        tail += "".join(f"; {line}" for line in self.lacking)
+        tail = f"; {self.standing()}" if self.standing() else ""
         return f"PASS {self.model} [{self.dtype}] {self.candidate} vs {self.reference}: {len(self.probes) - len(self.unsupported)} probes{skipped}{tail}"
 
     def to_json(self) -> dict:

@@ -115,7 +115,12 @@ def markdown(results: Sequence[ConformanceResult], title: str = "Conformance rep
                    f"{_fmt(lm.get('kl_max'))} | {('%.3f' % lm['top1']) if 'top1' in lm else '-'} | {r.wall_s:.2f} | {where} |")
     if results:
         r = results[0]
-        out += ["", f"Candidate: `{r.candidate}`; reference: `{r.reference}`; inputs: {r.inputs}; seed {r.seed}.",
+        inputs: dict[str, str] = {}  # the first run's inputs per dtype (bf16 runs get trained-like weights)
+        for x in results:
+            inputs.setdefault(x.dtype, x.inputs)
+        described = "; ".join(f"{dtype}: {text}" for dtype, text in inputs.items()) if len(inputs) > 1 else r.inputs
+        out += ["", f"Candidate: `{r.candidate}`; reference: `{r.reference}`; seed {r.seed}; inputs (of the first "
+                    f"model; tokens per model: at least 3x its window): {described}.",
                 f"Total wall time: {sum(x.wall_s for x in results):.1f} s."]
     return "\n".join(out) + "\n"
 

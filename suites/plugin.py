@@ -108,13 +108,17 @@ def candidate_target(request):
 
 
 def _candidate_path(candidate: str | None) -> str:
-    """The directory the candidate's module was imported from (what PYTHONPATH needs to hold), or ''."""
-    module = sys.modules.get((candidate or "").partition(":")[0])
-    path = getattr(module, "__file__", None)
+    """The directory the candidate's module was imported from (what PYTHONPATH needs to hold), or '' for a
+    built-in implementation (``hf``, ``litgpt``, ...) or a module not imported."""
+    module_name, sep, _ = (candidate or "").partition(":")
+    path = getattr(sys.modules.get(module_name), "__file__", None) if sep else None
     if not path:
         return ""
-    depth = candidate.partition(":")[0].count(".") + 1
-    return os.path.dirname(os.path.abspath(path)).rsplit(os.sep, depth - 1)[0] if depth > 1 else os.path.dirname(os.path.abspath(path))
+    root = os.path.dirname(os.path.abspath(path))
+    levels = module_name.count(".") + (os.path.basename(path) == "__init__.py")
+    for _ in range(levels):  # up from the module's folder to the one its top-level package sits in
+        root = os.path.dirname(root)
+    return root
 
 
 def replay_command(nodeid: str, candidate: str | None) -> str:

@@ -30,3 +30,9 @@ def unscaled_embedding(self, input_ids):
 def rotate_half(x):
     half = x.shape[-1] // 2
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def exact_gelu(model: nn.Module, part: str = "mlp") -> None:
+    """Every layer's ``part`` (``mlp`` or ``experts``) uses exact-erf GELU instead of the tanh approximation."""
+    for layer in model.model.layers:
+        getattr(layer, part).act_fn = nn.GELU()

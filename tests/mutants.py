@@ -39,6 +39,7 @@ from torch import nn
 from transformers import Gemma2ForCausalLM, Gemma3ForCausalLM, GemmaForCausalLM
 
 from tests.mutant_tools import bind as _bind
+from tests.mutant_tools import exact_gelu as _exact_gelu
 from tests.mutant_tools import private_config as _private_config
 from tests.mutant_tools import rotate_half as _rotate_half
 from tests.mutant_tools import unscaled_embedding as _unscaled_embedding
@@ -203,8 +204,7 @@ class G1ExactGelu(GemmaForCausalLM):
 
     def __init__(self, config):
         super().__init__(config)
-        for layer in self.model.layers:
-            layer.mlp.act_fn = nn.GELU()
+        _exact_gelu(self, "mlp")
 
 
 class G1NoEmbedNormalizer(GemmaForCausalLM):
@@ -264,8 +264,7 @@ class G2ExactGelu(Gemma2ForCausalLM):
 
     def __init__(self, config):
         super().__init__(config)
-        for layer in self.model.layers:
-            layer.mlp.act_fn = nn.GELU()
+        _exact_gelu(self, "mlp")
 
 
 class G2NoFinalSoftcap(Gemma2ForCausalLM):
@@ -414,8 +413,7 @@ class G3ExactGelu(Gemma3ForCausalLM):
 
     def __init__(self, config):
         super().__init__(config)
-        for layer in self.model.layers:
-            layer.mlp.act_fn = nn.GELU()
+        _exact_gelu(self, "mlp")
 
 
 class G3NoEmbedNormalizer(Gemma3ForCausalLM):

@@ -38,6 +38,7 @@ from transformers import Gemma4ForCausalLM
 from harness.adapters.base import Adapter
 from harness.adapters.hf import HFCausalLMAdapter
 from tests.mutant_tools import bind as _bind
+from tests.mutant_tools import exact_gelu as _exact_gelu
 from tests.mutant_tools import private_config as _private_config
 from tests.mutant_tools import rotate_half as _rotate_half
 from tests.mutant_tools import unscaled_embedding as _unscaled_embedding
@@ -393,8 +394,7 @@ class G4MlpExactGelu(_Candidate, Gemma4ForCausalLM):
 
     def __init__(self, config):
         super().__init__(config)
-        for layer in self.model.layers:
-            layer.mlp.act_fn = nn.GELU()
+        _exact_gelu(self, "mlp")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -462,8 +462,7 @@ class G4ExpertsExactGelu(_Candidate, Gemma4ForCausalLM):
 
     def __init__(self, config):
         super().__init__(config)
-        for layer in self.model.layers:
-            layer.experts.act_fn = nn.GELU()
+        _exact_gelu(self, "experts")
 
 
 # --------------------------------------------------------------------------------------------------

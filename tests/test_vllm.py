@@ -64,7 +64,7 @@ def _judge(result, expected: Expected | None) -> None:
     raise ExpectedFailure(f"{expected.evidence}: {result.verdict()}")
 
 
-@pytest.mark.parametrize("name,dtype,expected", _cases())
+@pytest.mark.parametrize("name,dtype,expected", list(_cases()))
 def test_vllm_conforms(name, dtype, expected):
     result = conform(name, candidate="vllm", dtype=dtype)
     assert result.error is None, result.error
