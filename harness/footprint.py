@@ -19,11 +19,12 @@ from reference_impl.spec import ModelSpec
 from reference_impl.weights import count_parameters
 
 from .compare import _CHUNK
+from .probes import for_spec
 
 GIB = 1024**3
-_PROBES_PER_LAYER = 12  # inputs, outputs and the stream, both sides, plus the isolated reruns
-# the interpreter, torch and transformers themselves, and allocator slack: measured full-size runs (270M:
-# 9.15 GB peak RSS, 1B: 18.4 GB) are ~1 GiB above the terms below
+_HELD_WHILE_JUDGED = 3  # the isolated recomputation, its comparison and the drift comparison of one probe
+# the interpreter, torch and transformers themselves, and allocator slack. Measured full-size float32 runs
+# against HF: gemma-3-270m 8.7 GB peak RSS (estimate 9.0 GB), gemma-3-1b 17.6 GB (estimate 17.2 GB).
 _BASELINE = GIB
 _HEADROOM = 0.9  # of the available memory, for what the estimate leaves out (allocator slack, Python)
 
@@ -51,7 +52,8 @@ def estimate(spec: ModelSpec, batch: int, tokens: int, dtype: torch.dtype) -> Fo
     reference_copy = 0 if dtype == torch.float32 else params * size
     weights = params * 4 + reference_copy + params * size  # state dict (fp32), reference, candidate
     logits = batch * tokens * spec.vocab_size * max(size, 4)  # the candidate's (the reference's are lazy)
-    probes = _PROBES_PER_LAYER * spec.num_layers * batch * tokens * spec.hidden_size * size
+    per_layer = len(for_spec(spec)) / spec.num_layers  # inputs, outputs and the stream, held by both sides
+    probes = int((2 * per_layer * spec.num_layers + _HELD_WHILE_JUDGED) * batch * tokens * spec.hidden_size * size)
     heads = max(layer.num_heads for layer in spec.layers)
     attention = 3 * batch * heads * tokens * tokens * 4  # eager scores, softmax and its cast
     mlp = 3 * batch * tokens * max(layer.intermediate_size for layer in spec.layers) * 4  # gate, up, product

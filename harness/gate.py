@@ -369,13 +369,13 @@ def _outputs(adapter: Adapter, batch: Batch) -> dict[str, torch.Tensor]:
 
 @dataclass
 class _Run:
-    """One forward of both implementations: the batch, the reference's probes, the candidate's, and the
-    reference's sublayers rerun on the candidate's own inputs."""
+    """One forward of both implementations: the batch, the reference's probes, the candidate's, and what
+    the reference computes from the candidate's own values (:class:`_Isolated`)."""
 
     batch: Batch
     ref: dict[str, torch.Tensor]
     cand: dict[str, torch.Tensor]
-    isolated: dict[str, torch.Tensor]
+    isolated: _Isolated
 
 
 def _forced_routing(spec, cand_out) -> dict[int, torch.Tensor]:
@@ -387,27 +387,32 @@ def _forced_routing(spec, cand_out) -> dict[int, torch.Tensor]:
     return forced
 
 
-def _isolate(spec, reference, run_batch, ref_out, cand_out) -> dict[str, torch.Tensor]:
+class _Isolated:
     """What the reference computes from the candidate's own values, probe by probe: each sublayer rerun
     on the candidate's input, and each stream probe (a sublayer's input, a layer's output) recomputed
     from the candidate's upstream probes. Every probe is then judged on one operation alone, so rounding
-    drift does not accumulate over the layers and the first failing probe is the first wrong operation."""
-    if not hasattr(reference, "sublayer"):
-        return {}
-    values = {**ref_out, **cand_out}  # a KV-shared layer's donor input: the candidate's, else the reference's
-    out = {}
-    for probe in probe_names.for_spec(spec):
-        upstream = probe_names.upstream_values(spec, probe)
+    drift does not accumulate over the layers and the first failing probe is the first wrong operation.
+    Computed when a probe is judged, not before: a full-size run would hold another copy of every probe."""
+
+    def __init__(self, spec, reference, batch: Batch, ref_out: dict, cand_out: dict):
+        self.spec, self.reference, self.batch, self.cand = spec, reference, batch, cand_out
+        self.values = {**ref_out, **cand_out}  # a KV-shared layer's donor input: the candidate's, else the reference's
+
+    def __contains__(self, probe: str) -> bool:
+        if not hasattr(self.reference, "sublayer"):
+            return False
+        upstream = probe_names.upstream_values(self.spec, probe)
         if upstream is not None:
-            value = reference.stream(probe, values, run_batch) if all(u in cand_out for u in upstream) else None
-        elif probe_names.input_of(probe) in cand_out and not probe.endswith(".router"):
-            routing = cand_out.get(probe.replace(".moe", ".router")) if probe.endswith(".moe") else None
-            value = reference.sublayer(probe, values, run_batch, routing)
-        else:
-            value = None
-        if value is not None:
-            out[probe] = value
-    return out
+            return all(u in self.cand for u in upstream)
+        if probe_names.input_of(probe) not in self.cand or probe.endswith(".router"):
+            return False
+        return not probe.endswith(".moe") or probe.replace(".moe", ".router") in self.cand
+
+    def __getitem__(self, probe: str) -> torch.Tensor:
+        if probe_names.upstream_values(self.spec, probe) is not None:
+            return self.reference.stream(probe, self.values, self.batch)
+        routing = self.cand.get(probe.replace(".moe", ".router")) if probe.endswith(".moe") else None
+        return self.reference.sublayer(probe, self.values, self.batch, routing)
 
 
 def _judge(spec, reference, runs, tol, reasons, logits_form="logits") -> list[ProbeResult]:
@@ -424,7 +429,7 @@ def _judge(spec, reference, runs, tol, reasons, logits_form="logits") -> list[Pr
             logits = ref_out["logits"]
             ref_out = {**ref_out, "logits": logits.with_transform(log_softmax) if isinstance(logits, LazyLogits)
                        else log_softmax(logits)}
-        judged.append(_Run(run_batch, ref_out, cand_out, _isolate(spec, reference, run_batch, ref_out, cand_out)))
+        judged.append(_Run(run_batch, ref_out, cand_out, _Isolated(spec, reference, run_batch, ref_out, cand_out)))
     return [_judge_probe(spec, reference, probe, judged, tol, reasons) for probe in probe_names.for_spec(spec)]
 
 
