@@ -237,3 +237,37 @@ def test_cli_diff_shows_what_changed_between_two_runs(tmp_path):
     assert "| PASS | **FAIL** |" in rows["gemma-2b-tiny"] and "`layers.0.mlp`" in rows["gemma-2b-tiny"]
     assert "ERROR" in rows[MODEL]  # a Gemma 1 class cannot load a Gemma 2 config: that run's error
     assert _cli("diff", str(a), str(tmp_path / "missing.json")).returncode == 2
+
+
+class _WritesToItsWeights(_Crashing):
+    """Converts the checkpoint in place (adds 1 to the norm weights, a Llama habit) instead of copying."""
+
+    name = "in-place-converter"
+
+    def load(self, hf_config, state_dict, dtype):
+        for name, tensor in state_dict.items():
+            if name.endswith("norm.weight"):
+                tensor.add_(1.0)
+        self.inner = resolve("hf")
+        self.inner.load(hf_config, state_dict, dtype)
+
+    def run(self, batch):
+        return self.inner.run(batch)
+
+
+def test_a_candidate_that_writes_to_the_shared_weights_is_an_error():
+    """The reference shares the float32 state dict with no copy; a port that writes to it would move the
+    reference too, and pass whatever it computes."""
+    result = conform(MODEL, candidate=_WritesToItsWeights())
+    assert result.error and "modified the weights it was given in place" in result.error, result.verdict()
+
+
+def test_lazily_computed_reference_logits_judge_like_whole_ones(monkeypatch):
+    """A full-size vocabulary's reference logits are computed a slice at a time while compared; the same
+    run with the threshold lowered to force that path gives the same figures."""
+    whole = conform("gemma-3-270m-tiny", dtype="bfloat16")
+    monkeypatch.setattr("harness.gate.LAZY_LOGITS_ABOVE", 0)
+    lazy = conform("gemma-3-270m-tiny", dtype="bfloat16")
+    assert lazy.passed and [p.metrics for p in lazy.probes] == [p.metrics for p in whole.probes]
+    broken = conform("gemma-2-2b-tiny", candidate="tests.mutants:G2NoFinalSoftcap")
+    assert broken.first_divergence.name == "logits"
