@@ -26,9 +26,11 @@ from transformers import Gemma4ForCausalLM  # noqa: E402
 import configs  # noqa: E402
 from harness.adapters.hf import default_dtype, hf_config_object  # noqa: E402
 from harness.gate import conform  # noqa: E402
-from harness.probes import SUBLAYERS, locate  # noqa: E402
+from harness.probes import locate  # noqa: E402
 from harness.tolerance import tolerance_for  # noqa: E402
 from tests import mutants_gemma4 as mutants  # noqa: E402
+from tests.mutant_checks import check_caught as _check_caught  # noqa: E402
+from tests.mutant_checks import explain as _explain  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 TWINS = ["gemma-4-e2b-tiny", "gemma-4-e4b-tiny", "gemma-4-26b-a4b-tiny", "gemma-4-31b-tiny"]
@@ -37,28 +39,6 @@ MOE = "gemma-4-26b-a4b-tiny"
 
 
 
-# what the verdict says, by the kind of the first failing probe: a sublayer wrong on its own input, or
-# the operations between two probes
-BLAME = {kind: "computes wrongly on the right input" for kind in SUBLAYERS} | {
-    f"{kind}_input": "input is wrong: the bug is between" for kind in SUBLAYERS} | {
-    "out": "the bug is between", "logits": "the bug is between", "embed": "the embedding is wrong"}
-
-
-def _explain(result) -> str:
-    first = result.first_divergence
-    where = f"first divergence {first.name}: {first.note}" if first else "no divergence"
-    return f"{result.verdict()} | {where}"
-
-
-def _check_caught(cls, dtype: str) -> None:
-    result = conform(cls.MODEL, candidate=cls, dtype=dtype)
-    assert result.error is None, result.error
-    assert not result.passed, f"{cls.__name__} ({cls.BUG}) was not caught: {result.verdict()}"
-    first = result.first_divergence
-    assert first.status == "fail", _explain(result)
-    assert first.name == cls.EXPECTED, f"{cls.__name__}: expected {cls.EXPECTED}, {_explain(result)}"
-    assert (first.layer, first.sublayer) == locate(cls.EXPECTED)
-    assert BLAME[first.sublayer] in first.note, _explain(result)  # the verdict names the kind of wrong operation
 
 
 def _build(cls, model: str, dtype=torch.float32):
