@@ -463,13 +463,14 @@ def _add_drift(result: ProbeResult, probe: str, runs: list[_Run], cand, valid) -
     rounding of every operation before it, for the report)."""
     if any(isinstance(r.ref[probe], LazyLogits) for r in runs):
         return
-    drift = compare_probe(probe, [r.ref[probe] for r in runs], cand, valid, result_tolerance_free())
+    drift = compare_probe(probe, [r.ref[probe] for r in runs], cand, valid, _no_limits())
     for key in ("max_rel", "rel_rms"):
         if key in drift.metrics:
             result.metrics[f"drift_{key}"] = drift.metrics[key]
 
 
-def result_tolerance_free() -> Tolerance:
+def _no_limits() -> Tolerance:
+    """Metrics without a verdict (for figures that are reported, not gated)."""
     inf = float("inf")
     return Tolerance("none", {"max_rel": inf, "rel_rms": inf, "kl_max": inf}, router_margin=inf, router_probs=inf)
 
