@@ -106,19 +106,23 @@ def measure(models: Sequence[str] | None = None, dtypes: Iterable[str] = ("float
             seeds: Iterable[int] = (0,), drawn: int = 0, progress=None) -> list[dict]:
     """One row per (source, seed, dtype, pair, probe kind, isolated): the worst of each gated metric over
     that kind's probes (and the drift of the stream before it, not gated), and the probe it was at.
-    Single-threaded, so the figures are the same on every run (and machine of the same kind)."""
+    Single-threaded, so the figures are the same on every run (and machine of the same kind).
+    ``progress``: a tqdm-like bar, told the number of pairs to run and advanced after each."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        return _measure(models, dtypes, seeds, drawn, progress)
+        return _measure(models, tuple(dtypes), tuple(seeds), drawn, progress)
     finally:
         torch.set_num_threads(threads)
 
 
 def _measure(models, dtypes, seeds, drawn, progress) -> list[dict]:
+    sources = [(source, hf_config, ModelSpec.from_hf_config(hf_config)) for source, hf_config in _sources(models, drawn)]
+    if progress is not None:
+        progress.total = len(seeds) * len(dtypes) * sum(len(list(_pairs(spec.family))) for *_, spec in sources)
+        progress.refresh()
     rows = []
-    for source, hf_config in _sources(models, drawn):
-        spec = ModelSpec.from_hf_config(hf_config)
+    for source, hf_config, spec in sources:
         for seed in seeds:
             batch = make_batch(spec, seed)
             for dtype in dtypes:
@@ -130,8 +134,8 @@ def _measure(models, dtypes, seeds, drawn, progress) -> list[dict]:
                         raise RuntimeError(f"calibration pair {pair} on {source} [{dtype}]: {result.error}")
                     rows += _worst_per_kind(result, {"source": source, "group": group(spec.family), "seed": seed,
                                                      "dtype": dtype, "pair": pair})
-                    if progress:
-                        progress()
+                    if progress is not None:
+                        progress.update()
     return rows
 
 

@@ -313,10 +313,8 @@ def _cmd_calibrate(args) -> int:
     from .gate import environment
 
     mutant_modules = [m for group in args.mutants or [] for m in group.split(",") if m]
-    total = len(seeds) * len(dtypes) * (len(args.model or configs.names(tiny=True)) + args.drawn) * 2
-    with tqdm(total=total, desc="calibrate", unit="pair", file=sys.stderr, disable=None) as bar:
-        rows = calibrate.measure(args.model or None, dtypes=dtypes, seeds=seeds, drawn=args.drawn,
-                                 progress=bar.update)
+    with tqdm(desc="calibrate", unit="pair", file=sys.stderr, disable=None) as bar:
+        rows = calibrate.measure(args.model or None, dtypes=dtypes, seeds=seeds, drawn=args.drawn, progress=bar)
     mutant_rows = calibrate.mutants(mutant_modules, dtypes=dtypes) if mutant_modules else []
     env = {k: v for k, v in environment("").items() if k != "dtype"}
     checks = calibrate.margins(rows, mutant_rows)

@@ -221,10 +221,11 @@ def candidate_label(candidate: str | Adapter) -> str:
             target = _import_object(candidate)
         except AdapterError:
             return candidate
-        return f"{candidate}@{_source_digest(target)}" if _source_digest(target) else candidate
-    target = candidate if inspect.isclass(candidate) else (
-        getattr(candidate, "model_class", None) or type(getattr(candidate, "inner", candidate)))
-    label = f"{target.__module__}:{target.__qualname__}"
+        label = candidate
+    else:
+        target = candidate if inspect.isclass(candidate) else (
+            getattr(candidate, "model_class", None) or type(getattr(candidate, "inner", candidate)))
+        label = f"{target.__module__}:{target.__qualname__}"
     digest = _source_digest(target)
     return f"{label}@{digest}" if digest else label
 
@@ -437,12 +438,12 @@ def _judge_probe(spec, reference, probe, runs: list[_Run], tol, reasons) -> Prob
     reason = reasons.get(probe) or reasons.get("*", "")
     valid = [r.batch.valid for r in runs]
     cand = [r.cand.get(probe) for r in runs]
-    isolated = all(probe in r.isolated for r in runs)
-    ref = [r.isolated[probe] if isolated else r.ref[probe] for r in runs]
     if probe.endswith(".router"):
         result = _judge_router(reference, probe, runs, tol, reason)
         isolated = all(probe + "_input" in r.cand for r in runs)
     else:
+        isolated = all(probe in r.isolated for r in runs)
+        ref = [r.isolated[probe] if isolated else r.ref[probe] for r in runs]
         result = compare_probe(probe, ref, None if any(c is None for c in cand) else cand, valid, tol, reason,
                                isolated=isolated)
         if isolated and result.status in ("pass", "fail"):

@@ -89,21 +89,12 @@ def upstream_values(spec, name: str) -> list[str] | None:
 
 
 def _upstream(spec, name: str) -> str:
-    """The probe before the operations that produce ``name`` (an input or a stream probe)."""
-    layer, kind = locate(name)
-    if name == "final_norm_input":
-        return f"layers.{spec.num_layers - 1}.out"
+    """The probe right before the operations that produce ``name`` (an input or a stream probe): the last
+    of the values it is computed from (the per-layer input's ``embed`` aside)."""
     if name == "logits":
         return "final_norm"
-    p = f"layers.{layer}"
-    if kind == "attn_input":
-        return "embed" if layer == 0 else f"layers.{layer - 1}.out"
-    if kind in ("mlp_input", "router_input", "moe_input"):
-        return f"{p}.attn"
-    moe = spec.layers[layer].moe is not None
-    if kind == "ple_input":
-        return f"{p}.moe" if moe else f"{p}.mlp"
-    return f"{p}.ple" if spec.ple is not None else (f"{p}.moe" if moe else f"{p}.mlp")  # out
+    values = upstream_values(spec, name)
+    return values[-2] if name.endswith("ple_input") else values[-1]
 
 
 def _between(spec, name: str) -> str:

@@ -437,9 +437,12 @@ class Gemma(nn.Module):
         if kind not in ("mlp_input", "router_input", "moe_input", "ple_input", "out"):
             return None
         mid = block.after_attention(prev, value(f"layers.{i}.attn"))
-        if kind in ("mlp_input", "router_input", "moe_input"):
-            return {"mlp_input": block.mlp_norm, "router_input": lambda x: x,
-                    "moe_input": getattr(block.moe, "input_norm", None)}[kind](mid)
+        if kind == "mlp_input":
+            return block.mlp_norm(mid)
+        if kind == "router_input":
+            return mid
+        if kind == "moe_input":
+            return block.moe.input_norm(mid)
         experts_out = value(f"layers.{i}.moe") if isinstance(block.moe, MoE) else None
         after = block.after_mlp(mid, block.moe.mix(value(f"layers.{i}.mlp"), experts_out))
         if kind == "ple_input":

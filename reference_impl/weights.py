@@ -144,13 +144,25 @@ def _more(names: list[str]) -> str:
     return f" and {len(names) - 1} more" if len(names) > 1 else ""
 
 
-def load_state_dict(model: Gemma, state_dict: Mapping[str, torch.Tensor]) -> Gemma:
-    """Strictly load an HF-named state dict into the reference model (cast to the model's dtype)."""
+def load_state_dict(model: Gemma, state_dict: Mapping[str, torch.Tensor], assign: bool = False) -> Gemma:
+    """Strictly load an HF-named state dict into the reference model (cast to the model's dtype). With
+    ``assign`` the model's tensors are replaced, not written: a tensor already in the model's dtype is
+    then held as is, not copied (a model built on the meta device is filled this way)."""
     check_state_dict(model.spec, state_dict)
-    params = dict(model.named_parameters()) | dict(model.named_buffers())
     with torch.no_grad():
         for hf_name, ref_name in name_map(model.spec).items():
-            params[ref_name].copy_(state_dict[hf_name].to(params[ref_name].dtype))
+            owner, _, leaf = ref_name.rpartition(".")
+            module = model.get_submodule(owner)
+            value = state_dict[hf_name].to(getattr(module, leaf).dtype)
+            if not assign:
+                getattr(module, leaf).copy_(value)
+            elif leaf in module._buffers:
+                module._buffers[leaf] = value
+            else:
+                module._parameters[leaf] = torch.nn.Parameter(value, requires_grad=False)
+    left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if left:
+        raise WeightError(f"reference parameter {left[0]!r} has no tensor in the checkpoint's name map")
     return model
 
 
@@ -176,18 +188,4 @@ def build(spec: ModelSpec, state_dict: Mapping[str, torch.Tensor], dtype: torch.
     Built on the meta device and filled by assignment: a tensor already in ``dtype`` is used as is (not
     copied; the reference never writes to its weights), any other is cast once. A full-size model then
     costs one copy of its weights, not two."""
-    check_state_dict(spec, state_dict)
-    model = Gemma(spec, dtype=dtype, device="meta")
-    with torch.no_grad():
-        for hf_name, ref_name in name_map(spec).items():
-            owner, _, leaf = ref_name.rpartition(".")
-            module = model.get_submodule(owner)
-            value = state_dict[hf_name].to(dtype)
-            if leaf in module._buffers:
-                module._buffers[leaf] = value
-            else:
-                module._parameters[leaf] = torch.nn.Parameter(value, requires_grad=False)
-    left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
-    if left:
-        raise WeightError(f"reference parameter {left[0]!r} has no tensor in the checkpoint's name map")
-    return model.eval()
+    return load_state_dict(Gemma(spec, dtype=dtype, device="meta"), state_dict, assign=True).eval()
