@@ -24,12 +24,18 @@ import time
 
 import pytest
 from hypothesis import HealthCheck, Phase, settings
+from hypothesis.database import DirectoryBasedExampleDatabase
 
-_COMMON = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
-                                                      HealthCheck.function_scoped_fixture, HealthCheck.filter_too_much],
-               print_blob=True)
+# The database and derandomize are named, not inherited: where a CI variable is set (CI, GITHUB_ACTIONS,
+# ...) hypothesis loads its own "ci" profile as the default, with database=None and derandomize=True, and
+# every profile registered below would inherit that: no failure would be stored, and the replay line
+# would replay nothing.
 # Not derandomize=True: that disables the example database, and with it the replay of a failure. The
-# seed below makes the draws as repeatable.
+# seed set in pytest_configure makes the draws as repeatable.
+_COMMON = dict(database=DirectoryBasedExampleDatabase(".hypothesis/examples"), derandomize=False, deadline=None,
+               suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
+                                      HealthCheck.function_scoped_fixture, HealthCheck.filter_too_much],
+               print_blob=True)
 settings.register_profile("ci", max_examples=25, **_COMMON)
 CI_SEED = 0
 # Replays only what the example database holds (a stored failure), without searching for new examples.

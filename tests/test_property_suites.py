@@ -1,6 +1,7 @@
 """The property suites catch what the gate cannot: a cache that is wrong only after the sliding window
 wraps, and (again) a padding-mask bug — named by layer, and replayable with one command."""
 
+import os
 import re
 import subprocess
 import sys
@@ -92,6 +93,20 @@ def test_replay_line_names_interpreter_path_and_replays_the_stored_example(tmp_p
                            timeout=600, cwd=tmp_path)
     assert rerun.returncode == 1 and "diverges from the full forward first at layers.0.attn" in rerun.stdout
     assert "Failing test case" in rerun.stdout
+
+
+@pytest.mark.parametrize("ci_variable", ["CI", "GITHUB_ACTIONS"])
+def test_profiles_keep_the_database_on_a_ci_machine(ci_variable):
+    """Where a CI variable is set, hypothesis makes its own "ci" profile (no database, derandomized) the
+    default; the suite's profiles must not inherit it, or the replay line replays nothing (this failed
+    only on the CI machine)."""
+    code = ("import suites.plugin; from hypothesis import settings; "
+            "print([(settings.get_profile(p).database is not None, settings.get_profile(p).derandomize) "
+            "for p in ('ci', 'replay', 'nightly')])")
+    env = {**os.environ, ci_variable: "true"}
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == str([(True, False)] * 3)
 
 
 def test_port_without_padding_has_padding_unsupported_and_the_rest_judged():
