@@ -34,7 +34,7 @@ import torch
 import configs
 from reference_impl.spec import ModelSpec
 
-from .adapters.hf import _HFAuto
+from .adapters.hf import hf_adapter
 from .adapters.reference import ReferenceAdapter
 from .gate import compare_implementations, conform
 from .probes import locate
@@ -43,13 +43,6 @@ from .tolerance import Tolerance, tolerance_for
 
 GATED = ("max_rel", "rel_rms", "kl_max", "probs_max_abs", "flip_max_margin")  # the last two: routers
 MARGIN = 3.0  # limit >= 3x the worst correct spread; a caught bug >= 3x its limit
-
-
-class _HFSdpa(_HFAuto):
-    def build(self, config, dtype):
-        from transformers import AutoModelForCausalLM
-
-        return AutoModelForCausalLM.from_config(config, attn_implementation="sdpa", dtype=dtype)
 
 
 class _Reference64(ReferenceAdapter):
@@ -69,7 +62,7 @@ def _unbounded(dtype: str, family: str | None = None) -> Tolerance:
 def _pairs(family: str):
     yield "dtype-vs-float64", _Reference64()
     if family != "gemma2":  # HF Gemma 2 has no SDPA path
-        yield "eager-vs-sdpa", _HFSdpa(name="hf-sdpa")
+        yield "eager-vs-sdpa", hf_adapter(attn="sdpa")
 
 
 def group(family: str) -> str:

@@ -366,6 +366,68 @@ def _cmd_realweights(args) -> int:
     return EXIT_OK if all(r.passed for r in results) else EXIT_FAIL
 
 
+def _cmd_bench(args) -> int:
+    from .bench import records, runner
+    from .bench.suite import SuiteError, load_suite, parse_shard, select
+
+    try:
+        suite = load_suite(args.suite)
+        cells = select(suite.cells, args.filter, parse_shard(args.shard) if args.shard else None)
+    except SuiteError as exc:
+        raise Refused(str(exc)) from None
+    if args.list:
+        for cell in cells:
+            print(cell.cell_id, cell.label)
+        return EXIT_OK
+    if not cells:
+        raise Refused(f"{args.suite}: no cell matches" + (f" --filter {args.filter!r}" if args.filter else "")
+                      + (f" in shard {args.shard}" if args.shard else ""))
+    problem = _check_output_path(os.path.join(args.out, records.RECORDS_FILE), "--out")
+    if problem:
+        raise Refused(problem)
+    try:
+        written = runner.run(suite, cells, args.out, resume=args.resume, quiet=args.quiet)
+    except (runner.RunError, records.RecordsError) as exc:
+        raise Refused(str(exc)) from None
+    counts = {s: sum(r["status"] == s for r in written) for s in records.STATUSES}
+    print(f"{len(written)} cells run ({', '.join(f'{n} {s}' for s, n in counts.items() if n)}); "
+          f"records in {records.records_path(args.out)}")
+    return EXIT_FAIL if counts["error"] else EXIT_OK
+
+
+def _cmd_report(args) -> int:
+    from .bench import records
+    from .bench.report import write_report
+
+    _check_outputs(args, "--html", "--md")
+    if not (args.html or args.md):
+        raise Refused("report: give --html PATH and/or --md PATH")
+    try:
+        return write_report(args.sources, html_path=args.html, md_path=args.md, baseline=args.baseline,
+                            title=args.title)
+    except records.RecordsError as exc:
+        raise Refused(str(exc)) from None
+
+
+def _cmd_merge(args) -> int:
+    from .bench import records
+
+    try:
+        merged, conflicts = records.merge(records.load([s]) for s in args.sources)
+    except records.RecordsError as exc:
+        raise Refused(str(exc)) from None
+    target = records.records_path(args.out)
+    if target.exists() and target.stat().st_size:
+        raise Refused(f"--out {args.out} already holds records; merge into an empty directory")
+    for record in merged:
+        records.append_record(target, record)
+    for line in conflicts:
+        print(f"conflict: {line}", file=sys.stderr)
+    print(f"{len(merged)} cells from {len(args.sources)} directories into {target}"
+          + (f"; {len(conflicts)} conflicts (first record kept)" if conflicts else ""))
+    return EXIT_FAIL if conflicts else EXIT_OK
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gemma-harness", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -425,6 +487,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", metavar="PATH", help="everything measured (reports/calibration.json)")
     p.add_argument("--report", metavar="PATH", help="the margin table as Markdown (reports/calibration.md)")
     p.set_defaults(func=_cmd_calibrate)
+
+    p = sub.add_parser("bench", help="run a benchmark sweep (suites/bench/*.yaml) into JSON Lines records")
+    p.add_argument("suite", help="the suite file (YAML)")
+    p.add_argument("--out", required=True, metavar="DIR", help="records go to DIR/records.jsonl")
+    p.add_argument("--resume", action="store_true", help="skip the cells DIR already holds records of")
+    p.add_argument("--shard", metavar="I/N", help="run shard I of N (cells split by cell id)")
+    p.add_argument("--filter", metavar="EXPR", help="only cells matching, e.g. 'impl=hf|reference,batch<=4'")
+    p.add_argument("--list", action="store_true", help="print the selected cells and exit")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar or per-cell lines")
+    p.set_defaults(func=_cmd_bench)
+
+    p = sub.add_parser("report", help="benchmark records into HTML and Markdown reports (`report merge` joins shards)")
+    p.add_argument("sources", nargs="+", metavar="DIR", help="records directories (or records.jsonl files)")
+    p.add_argument("--baseline", metavar="DIR", help="compare with these records: exit 1 on a regression")
+    p.add_argument("--html", metavar="PATH")
+    p.add_argument("--md", metavar="PATH")
+    p.add_argument("--title", default="Benchmark report")
+    p.set_defaults(func=_cmd_report)
+
+    p = sub.add_parser("merge", help="(also `report merge`) join shards' records, deduplicated by cell id")
+    p.add_argument("sources", nargs="+", metavar="DIR")
+    p.add_argument("--out", required=True, metavar="DIR")
+    p.set_defaults(func=_cmd_merge)
     return parser
 
 
@@ -441,6 +526,9 @@ def _crash_line(exc: BaseException) -> str:
 def main(argv: list[str] | None = None) -> int:
     """Run one command. Every ending is an exit code (see the module docstring) with at most one line on
     stderr, never a traceback, unless GEMMA_HARNESS_DEBUG=1 asks for one."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:2] == ["report", "merge"]:
+        argv = ["merge", *argv[2:]]
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)

@@ -13,7 +13,7 @@ import importlib
 import inspect
 import os
 import sys
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import torch
 
@@ -106,6 +106,25 @@ class Adapter:
         """Greedy continuation of each row for ``steps`` tokens: (tokens (steps,), log-probs (steps, vocab))."""
         raise Unsupported("generate", f"{self.name} has no generate()")
 
+    def bench_generate(self, input_ids: torch.Tensor, steps: int, on_token: Callable[[torch.Tensor], None]) -> None:
+        """The benchmark runner's generation: ``input_ids`` (B, P) prompts without padding, on the model's
+        device; generate ``steps`` tokens per row greedily, ignoring EOS, through the implementation's own
+        fastest path (its KV cache, its ``generate``), and call ``on_token(tokens (B,))`` as soon as each
+        step's tokens exist (the runner timestamps the calls). Do no other work between calls."""
+        raise Unsupported("generate", f"{self.name} has no bench_generate()")
+
+    def cache_bytes(self) -> int | None:
+        """Bytes of K/V the implementation holds after the latest :meth:`bench_generate` (the tensors its
+        cache really keeps), or None when it cannot say."""
+        return None
+
+    def to_device(self, device: str) -> None:
+        """Move the loaded model to ``device`` (``cuda:N``); the default moves ``self.model``."""
+        model = getattr(self, "model", None)
+        if not isinstance(model, torch.nn.Module):
+            raise Unsupported("device", f"{self.name} cannot be moved to {device} (no torch module in .model)")
+        model.to(device)
+
     def prepare_config(self, hf_config: Mapping) -> dict:
         """The variant of a config this implementation can run (e.g. head sizes its kernels have); both
         implementations get it. Default: unchanged."""
@@ -157,6 +176,21 @@ class _Wrapped(Adapter):
         if not supports(self, "generate"):
             return super().generate(batch, steps)
         return self.inner.generate(batch, steps)
+
+    def bench_generate(self, input_ids, steps, on_token):
+        if not supports(self, "bench_generate"):
+            return super().bench_generate(input_ids, steps, on_token)
+        return self.inner.bench_generate(input_ids, steps, on_token)
+
+    def cache_bytes(self):
+        fn = getattr(self.inner, "cache_bytes", None)
+        return fn() if callable(fn) else None
+
+    def to_device(self, device):
+        fn = getattr(self.inner, "to_device", None)
+        if not callable(fn):
+            raise Unsupported("device", f"{self.name} has no to_device(); it runs on the CPU only")
+        return fn(device)
 
     def prepare_config(self, hf_config):
         prepare = getattr(self.inner, "prepare_config", None)

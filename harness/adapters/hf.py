@@ -152,6 +152,38 @@ class HFCausalLMAdapter(Adapter):
 
         return feed_in_chunks(batch, chunks, step)
 
+    @torch.no_grad()
+    def bench_generate(self, input_ids: torch.Tensor, steps: int, on_token) -> None:
+        """HF's own ``generate`` (greedy, EOS off, its default cache); a streamer reports each step's tokens."""
+        from transformers import GenerationConfig
+        from transformers.generation.streamers import BaseStreamer
+
+        class Clock(BaseStreamer):
+            prompt_seen = False
+
+            def put(self, value):
+                if not self.prompt_seen:  # generate puts the prompt first
+                    self.prompt_seen = True
+                    return
+                on_token(value)
+
+            def end(self):
+                pass
+
+        config = GenerationConfig(max_new_tokens=steps, do_sample=False, eos_token_id=None, pad_token_id=0,
+                                  use_cache=True, return_dict_in_generate=True)
+        out = self.model.generate(input_ids, attention_mask=torch.ones_like(input_ids), generation_config=config,
+                                  streamer=Clock())
+        self._past = out.past_key_values
+
+    def cache_bytes(self) -> int | None:
+        past = getattr(self, "_past", None)
+        layers = getattr(past, "layers", None)
+        if layers is None:
+            return None
+        return sum(t.nbytes for layer in layers for t in (getattr(layer, "keys", None), getattr(layer, "values", None))
+                   if isinstance(t, torch.Tensor))
+
     def _forward(self, ids, mask, positions, past=None, use_cache=False):
         captured: dict[str, torch.Tensor] = {}
         b, t = ids.shape
@@ -188,15 +220,21 @@ class HFCausalLMAdapter(Adapter):
 
 
 class _HFAuto(HFCausalLMAdapter):
-    """HF Transformers as a ``from_pretrained(dtype=..., attn_implementation="eager")`` load gives it."""
+    """HF Transformers as a ``from_pretrained(dtype=..., attn_implementation=...)`` load gives it
+    (eager by default: the attention the gate compares against)."""
+
+    def __init__(self, name: str, attn: str = "eager"):
+        super().__init__(name=name)
+        self.attn = attn
 
     def build(self, config, dtype):
         from transformers import AutoModelForCausalLM
 
-        return AutoModelForCausalLM.from_config(config, attn_implementation="eager", dtype=dtype)
+        return AutoModelForCausalLM.from_config(config, attn_implementation=self.attn, dtype=dtype)
 
 
-def hf_adapter() -> HFCausalLMAdapter:
+def hf_adapter(attn: str = "eager") -> HFCausalLMAdapter:
     import transformers
 
-    return _HFAuto(name=f"hf-transformers-{transformers.__version__}")
+    suffix = "" if attn == "eager" else f"-{attn}"
+    return _HFAuto(name=f"hf-transformers-{transformers.__version__}{suffix}", attn=attn)

@@ -67,6 +67,30 @@ class ReferenceAdapter(Adapter):
 
         return feed_in_chunks(batch, chunks, step)
 
+    @torch.no_grad()
+    def bench_generate(self, input_ids: torch.Tensor, steps: int, on_token) -> None:
+        """Greedy through the reference KV cache: a prefill whose LM head runs on the last token only
+        (as HF's generate does), then one token per step."""
+        model = self.model
+        self._cache = cache = KVCache.for_model(model.spec)
+        hidden = model(input_ids, cache=cache, with_logits=False)  # (B, P, H)
+        for step in range(steps):
+            tokens = model.head(hidden[:, -1]).argmax(-1)  # (B,)
+            on_token(tokens)
+            if step + 1 < steps:
+                hidden = model(tokens[:, None], cache=cache, with_logits=False)
+
+    def cache_bytes(self) -> int | None:
+        cache = getattr(self, "_cache", None)
+        if cache is None:
+            return None
+        return sum(t.nbytes for layer in cache.layers for t in (layer.keys, layer.values) if t is not None)
+
+    def to_device(self, device: str) -> None:
+        self.model.to(device)
+        # the RoPE tables are plain fp32 tensors, not buffers: .to() does not move them
+        self.model._inv_freq = {key: inv.to(device) for key, inv in self.model._inv_freq.items()}
+
     def route(self, layer: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The reference router of `layer` applied to x (B, T, H): dispatch weights and probabilities, (B, T, E)."""
         return self.model.route(layer, x)

@@ -1,0 +1,647 @@
+"""Benchmark reports: tables (pandas), GitHub Markdown, and one self-contained HTML file with plots.
+
+:func:`tables` turns records (see :mod:`harness.bench.records`) into DataFrames: one row per generation
+cell, a status table (error / unsupported cells and their reasons), a kernel table (pytest-benchmark
+building blocks) and an environment table (each distinct context once). :func:`markdown` and :func:`html`
+render them, plus the regression section of :mod:`harness.bench.regress` when a baseline is given;
+:func:`write_report` is the CLI's entry point.
+
+The HTML needs no network: inline CSS, matplotlib PNGs (Agg canvas, no pyplot state) as base64 ``data:``
+URIs, and a small inline script (:data:`harness.bench.screenshot.RENDER_PROBE`) that a headless browser
+check reads back.
+"""
+
+from __future__ import annotations
+
+import base64
+import html as html_lib
+import io
+import json
+import os
+import tempfile
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+import pandas as pd
+
+from .records import load, merge
+from .regress import Comparison, compare, fmt, markdown_table
+from .screenshot import RENDER_PROBE
+
+DEFAULT_TITLE = "Gemma benchmark report"
+BASELINE_IMPLS = ("hf[eager]", "reference")
+LABEL_COLUMNS = ["impl", "model", "dtype", "device", "batch", "prompt", "gen"]
+MIB = 1024 * 1024
+MAX_FACETS = 9
+
+Source = str | os.PathLike
+
+
+# ---------------------------------------------------------------- labels
+
+
+def kind(record: dict) -> str:
+    """'generation' (the default) or 'kernel'."""
+    return record.get("kind") or "generation"
+
+
+def impl_label(cell: dict) -> str:
+    """'hf[sdpa]' for an implementation with an attention backend, else the implementation's name."""
+    attn = cell.get("attn")
+    return f"{cell.get('impl')}[{attn}]" if attn else str(cell.get("impl"))
+
+
+def model_label(cell: dict) -> str:
+    """The model name, '(GGUF)' for real GGUF weights, '(N/M layers)' when cut (as suite.Cell.model_label)."""
+    label = str(cell.get("model"))
+    weights = cell.get("weights")
+    if weights and weights != "random":
+        label += f" ({str(weights).upper()})"
+    layers, total = cell.get("layers"), cell.get("layers_total")
+    if layers and (total is None or layers < total):
+        label += f" ({layers}/{total if total is not None else '?'} layers)"
+    return label
+
+
+def options_label(options: dict | None) -> str:
+    return ", ".join(f"{k}={v}" for k, v in sorted((options or {}).items()))
+
+
+def _labels(cell: dict) -> dict:
+    return {
+        "impl": impl_label(cell),
+        "model": model_label(cell),
+        "dtype": cell.get("dtype"),
+        "device": cell.get("device"),
+        "batch": cell.get("batch"),
+        "prompt": cell.get("prompt"),
+        "gen": cell.get("gen"),
+    }
+
+
+# ---------------------------------------------------------------- the generation table
+
+
+def _stat(metrics: dict, metric: str, stat: str):
+    value = metrics.get(metric)
+    return value.get(stat) if isinstance(value, dict) else None
+
+
+def _mib(value) -> float | None:
+    return None if value is None else value / MIB
+
+
+def peak_memory(record: dict) -> tuple[float | None, str]:
+    """(peak MiB, source): process RSS on CPU; torch max allocated on CUDA, else NVML, else RSS."""
+    memory = record.get("memory") or {}
+    sources = [("rss", "rss_peak_bytes"), ("rss (generate)", "rss_peak_generate_bytes")]
+    if str(record["cell"].get("device", "")).startswith("cuda"):
+        sources = [("torch max allocated", "torch_max_allocated_bytes"), ("nvml", "nvml_process_bytes")] + sources
+    for name, key in sources:
+        if memory.get(key) is not None:
+            return _mib(memory[key]), name
+    return None, "-"
+
+
+def _repetition_columns(record: dict) -> dict:
+    reps = record.get("repetitions") or {}
+    cvs = [v for v in (reps.get("cv") or {}).values() if v is not None]
+    stable = reps.get("stable")
+    return {
+        "reps": reps.get("n"),
+        "max CV": max(cvs) if cvs else None,
+        "stable": "-" if stable is None else ("yes" if stable else "NO (unstable)"),
+    }
+
+
+def _generation_row(record: dict) -> dict:
+    metrics = record.get("metrics") or {}
+    memory = record.get("memory") or {}
+    kv = record.get("kv_cache") or {}
+    energy = record.get("energy") or {}
+    roofline = record.get("roofline") or {}
+    peak, peak_source = peak_memory(record)
+    row = _labels(record["cell"])
+    row.update({
+        "ttft_ms mean": _stat(metrics, "ttft_ms", "mean"),
+        "ttft_ms p90": _stat(metrics, "ttft_ms", "p90"),
+        "tpot_ms mean": _stat(metrics, "tpot_ms", "mean"),
+        "tpot_ms p90": _stat(metrics, "tpot_ms", "p90"),
+        "itl_ms p99": _stat(metrics, "itl_ms", "p99"),
+        "e2el_ms mean": _stat(metrics, "e2el_ms", "mean"),
+        "prefill_tok_s": metrics.get("prefill_tok_s"),
+        "decode_tok_s": metrics.get("decode_tok_s"),
+        "output_throughput": metrics.get("output_throughput"),
+        "total_token_throughput": metrics.get("total_token_throughput"),
+        **_repetition_columns(record),
+        "peak mem MiB": peak,
+        "mem source": peak_source,
+        "nvml MiB": _mib(memory.get("nvml_process_bytes")),
+        "KV after prefill MiB": _mib(kv.get("after_prefill_bytes")),
+        "KV after last MiB": _mib(kv.get("after_last_token_bytes")),
+        "J/token": energy.get("joules_per_token"),
+        "decode_bw_pct": roofline.get("decode_bw_pct"),
+        "prefill_flop_pct": roofline.get("prefill_flop_pct"),
+        "options": options_label(record["cell"].get("options")),
+    })
+    return row
+
+
+def _ok_generation(records: Iterable[dict]) -> list[dict]:
+    return [r for r in records if kind(r) == "generation" and r.get("status", "ok") == "ok"]
+
+
+def baseline_impl(records: Iterable[dict], preferred: str | None = None) -> str | None:
+    """The implementation speed ratios are taken against: ``preferred`` when given and present, else the
+    first of :data:`BASELINE_IMPLS` present among the ok generation cells, else None."""
+    present = {impl_label(r["cell"]) for r in _ok_generation(records)}
+    for name in ([preferred] if preferred else []) + list(BASELINE_IMPLS):
+        if name in present:
+            return name
+    return None
+
+
+def _sibling_key(row: pd.Series) -> tuple:
+    return tuple(row[c] for c in LABEL_COLUMNS if c != "impl")
+
+
+def add_speed_ratios(frame: pd.DataFrame, base: str) -> pd.DataFrame:
+    """Columns 'decode x vs BASE' and 'prefill x vs BASE': a cell's tokens/s over those of its sibling (same
+    model, dtype, device, batch, prompt, gen) run by ``base``; a sibling with the same options is preferred."""
+    base_rows = frame[frame["impl"] == base]
+    siblings: dict[tuple, list[pd.Series]] = {}
+    for _, row in base_rows.iterrows():
+        siblings.setdefault(_sibling_key(row), []).append(row)
+    for speed, column in (("decode_tok_s", f"decode x vs {base}"), ("prefill_tok_s", f"prefill x vs {base}")):
+        frame[column] = [_ratio(row, siblings.get(_sibling_key(row), []), speed) for _, row in frame.iterrows()]
+    return frame
+
+
+def _ratio(row: pd.Series, siblings: list[pd.Series], speed: str) -> float | None:
+    if not siblings:
+        return None
+    sibling = next((s for s in siblings if s["options"] == row["options"]), siblings[0])
+    mine, theirs = row[speed], sibling[speed]
+    if mine is None or theirs is None or pd.isna(mine) or pd.isna(theirs) or theirs == 0:
+        return None
+    return float(mine) / float(theirs)
+
+
+def generation_table(records: Iterable[dict], baseline: str | None = None) -> pd.DataFrame:
+    """One row per ok generation cell (index: cell_id), sorted so that siblings sit together."""
+    ok = _ok_generation(records)
+    frame = pd.DataFrame([_generation_row(r) for r in ok], index=[r["cell_id"] for r in ok])
+    if frame.empty:
+        return pd.DataFrame(columns=LABEL_COLUMNS)
+    frame = frame.sort_values(["model", "dtype", "device", "prompt", "gen", "batch", "impl"], kind="stable")
+    base = baseline_impl(records, baseline)
+    if base is not None:
+        frame = add_speed_ratios(frame, base)
+    return frame
+
+
+# ---------------------------------------------------------------- status, kernels, environment
+
+
+def status_table(records: Iterable[dict]) -> pd.DataFrame:
+    """Error and unsupported cells (both kinds) with their reasons."""
+    rows = []
+    for record in records:
+        if record.get("status", "ok") == "ok":
+            continue
+        cell = record.get("cell") or {}
+        labels = _labels(cell) if kind(record) == "generation" else {"impl": "kernel", "model": cell.get("name"),
+                                                                   "dtype": cell.get("dtype"),
+                                                                   "device": cell.get("device")}
+        rows.append({**{c: labels.get(c) for c in LABEL_COLUMNS}, "status": record.get("status"),
+                     "reason": record.get("reason") or "-"})
+    return pd.DataFrame(rows, columns=LABEL_COLUMNS + ["status", "reason"])
+
+
+KERNEL_STATS = ("mean", "median", "std", "p90", "p99", "min", "n")
+
+
+def kernel_table(records: Iterable[dict]) -> pd.DataFrame:
+    """One row per ok kernel record: its time_ms statistics."""
+    rows = []
+    for record in records:
+        if kind(record) != "kernel" or record.get("status", "ok") != "ok":
+            continue
+        cell = record.get("cell") or {}
+        time_ms = (record.get("metrics") or {}).get("time_ms") or {}
+        rows.append({"name": cell.get("name"), "group": cell.get("group"), "params": options_label(cell.get("params")),
+                     "dtype": cell.get("dtype"), "device": cell.get("device"),
+                     **{f"time_ms {s}": time_ms.get(s) for s in KERNEL_STATS}})
+    columns = ["name", "group", "params", "dtype", "device"] + [f"time_ms {s}" for s in KERNEL_STATS]
+    return pd.DataFrame(rows, columns=columns)
+
+
+# Context fields that change from cell to cell on one machine (a GPU's current clock): left out of the
+# environment table so that it lists each machine/software combination once.
+VOLATILE_CONTEXT = ("device.sm_clock_mhz",)
+CONTEXT_ORDER = ("harness", "git", "suite", "suite_hash", "python", "torch", "transformers", "vllm",
+                 "impl_version", "host", "seed")
+
+
+def _flatten(value, prefix: str = "") -> dict:
+    if isinstance(value, dict):
+        out: dict = {}
+        for key, inner in value.items():
+            out.update(_flatten(inner, f"{prefix}{key}."))
+        return out
+    if isinstance(value, list):
+        value = ", ".join(str(v) for v in value)
+    return {prefix.rstrip("."): value}
+
+
+def _context_order(name: str) -> tuple:
+    top = name.split(".")[0]
+    return (CONTEXT_ORDER.index(top) if top in CONTEXT_ORDER else len(CONTEXT_ORDER), name)
+
+
+def environment_table(records: Iterable[dict]) -> pd.DataFrame:
+    """Each distinct context once (flattened: 'device.name', ...), with how many cells and which
+    implementations ran under it."""
+    contexts: dict[str, dict] = {}
+    for record in records:
+        flat = {k: v for k, v in _flatten(record.get("context") or {}).items() if k not in VOLATILE_CONTEXT}
+        key = json.dumps(flat, sort_keys=True, default=str)
+        entry = contexts.setdefault(key, {"context": flat, "cells": 0, "impls": []})
+        entry["cells"] += 1
+        impl = impl_label(record.get("cell") or {}) if kind(record) == "generation" else "kernel"
+        if impl not in entry["impls"]:
+            entry["impls"].append(impl)
+    rows = [{"cells": e["cells"], "impls": ", ".join(e["impls"]), **e["context"]} for e in contexts.values()]
+    frame = pd.DataFrame(rows)
+    if frame.empty:
+        return frame
+    fields = sorted((c for c in frame.columns if c not in ("cells", "impls")), key=_context_order)
+    return frame[["cells", "impls"] + fields]
+
+
+def tables(records: Sequence[dict], baseline: str | None = None) -> dict[str, pd.DataFrame]:
+    """{"generation", "status", "kernels", "environment"}: see the module docstring. ``baseline`` names the
+    implementation speed ratios are taken against (default: hf[eager] if present, else reference)."""
+    return {
+        "generation": generation_table(records, baseline),
+        "status": status_table(records),
+        "kernels": kernel_table(records),
+        "environment": environment_table(records),
+    }
+
+
+# ---------------------------------------------------------------- display helpers
+
+
+def _environment_display(frame: pd.DataFrame) -> pd.DataFrame:
+    """The environment table turned on its side: one row per context field, one column per context."""
+    shown = _display(frame).T
+    shown.columns = [f"context {i + 1}" for i in range(shown.shape[1])]
+    shown.insert(0, "field", shown.index)
+    return shown.reset_index(drop=True)
+
+
+def _shown(name: str, frame: pd.DataFrame) -> tuple[pd.DataFrame, list[str]]:
+    """A table as displayed (empty columns left out, the environment on its side), and what was left out."""
+    shown, omitted = _drop_empty_columns(frame)
+    return (_environment_display(shown) if name == "environment" else shown), omitted
+
+
+def _drop_empty_columns(frame: pd.DataFrame) -> tuple[pd.DataFrame, list[str]]:
+    """Columns with no value in any row are left out of the display (and named in a note)."""
+    empty = [c for c in frame.columns if frame[c].map(lambda v: v is None or v == "" or v == "-" or
+                                                       (isinstance(v, float) and pd.isna(v))).all()]
+    return frame.drop(columns=empty), empty
+
+
+def _display_value(value, column: str, integral: bool) -> str:
+    value = value.item() if hasattr(value, "item") else value
+    missing = value is None or (isinstance(value, float) and pd.isna(value))
+    if " x vs " in column:
+        return "-" if missing else f"{value:.2f}x"
+    if integral and isinstance(value, float) and not missing:
+        return str(int(value))
+    return fmt(value)
+
+
+def _integral(column: pd.Series) -> bool:
+    """A float column whose values are all whole numbers (counts that pandas turned into floats for a NaN)."""
+    values = column.dropna()
+    return pd.api.types.is_float_dtype(column) and not values.empty and bool((values % 1 == 0).all())
+
+
+def _display(frame: pd.DataFrame) -> pd.DataFrame:
+    """Values as text: ratios as '1.85x', whole-number columns as integers, the rest through :func:`fmt`."""
+    shown = frame.copy()
+    for column in shown.columns:
+        integral = _integral(frame[column])
+        shown[column] = shown[column].map(lambda v, c=str(column), i=integral: _display_value(v, c, i))
+    return shown
+
+
+SECTION_TITLES = {
+    "generation": "Generation cells",
+    "status": "Errors and unsupported cells",
+    "kernels": "Kernels",
+    "environment": "Environment",
+}
+
+
+def _section_notes(name: str, frame: pd.DataFrame, omitted: list[str]) -> list[str]:
+    notes = []
+    ratio_columns = [c for c in frame.columns if " x vs " in str(c)]
+    if name == "generation":
+        notes.append("Latencies in ms; throughputs in tokens/s; 'max CV' is the largest coefficient of variation "
+                     "over the repetitions' metrics, 'stable' whether it met the runner's target.")
+        if ratio_columns:
+            notes.append(f"Speed ratios ({', '.join(ratio_columns)}) are tokens/s over those of the same-parameter "
+                         "cell of the baseline implementation; above 1 is faster.")
+    if omitted:
+        notes.append(f"Columns with no values left out: {', '.join(omitted)}.")
+    return notes
+
+
+def _summary(records: Sequence[dict]) -> str:
+    generation = [r for r in records if kind(r) == "generation"]
+    count = {s: sum(r.get("status", "ok") == s for r in generation) for s in ("ok", "error", "unsupported")}
+    kernels = sum(kind(r) == "kernel" for r in records)
+    return (f"{len(generation)} generation cell(s): {count['ok']} ok, {count['error']} error, "
+            f"{count['unsupported']} unsupported; {kernels} kernel record(s).")
+
+
+# ---------------------------------------------------------------- Markdown
+
+
+def _markdown(records: Sequence[dict], comparison: Comparison | None, title: str, notes: Sequence[str]) -> str:
+    lines = [f"# {title}", "", _summary(records), ""]
+    if comparison is not None:
+        lines += [f"**{comparison.summary()}** (details under Regression check)", ""]
+    lines += [f"- {note}" for note in notes] + ([""] if notes else [])
+    for name, frame in tables(records).items():
+        lines.append(f"## {SECTION_TITLES[name]}")
+        lines.append("")
+        if frame.empty:
+            lines += ["None.", ""]
+            continue
+        shown, omitted = _shown(name, frame)
+        notes_lines = [f"- {n}" for n in _section_notes(name, frame, omitted)]
+        lines += notes_lines + ([""] if notes_lines else []) + [markdown_table(_display(shown)), ""]
+    if comparison is not None:
+        lines.append(comparison.markdown())
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def markdown(records: Sequence[dict], baseline_records: Sequence[dict] | None = None,
+             title: str = DEFAULT_TITLE) -> str:
+    """The report as GitHub Markdown; with ``baseline_records``, the regression section too."""
+    comparison = compare(list(records), list(baseline_records)) if baseline_records is not None else None
+    return _markdown(records, comparison, title, [])
+
+
+# ---------------------------------------------------------------- plots
+
+
+def _png_data_uri(figure) -> str:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    FigureCanvasAgg(figure)
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=80, bbox_inches="tight")
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def _impl_colors(frame: pd.DataFrame) -> dict[str, str]:
+    palette = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#17becf", "#7f7f7f"]
+    return {impl: palette[i % len(palette)] for i, impl in enumerate(sorted(frame["impl"].unique()))}
+
+
+def _facets(frame: pd.DataFrame, keys: list[str], x: str, ys: list[str]) -> list[tuple[str, pd.DataFrame]]:
+    """Groups of ``frame`` by ``keys`` in which ``x`` takes at least two values and some ``y`` is present."""
+    out = []
+    for values, group in frame.groupby(keys, sort=True, dropna=False):
+        values = values if isinstance(values, tuple) else (values,)
+        usable = group.dropna(subset=[x])
+        if usable[x].nunique() >= 2 and any(usable[y].notna().any() for y in ys):
+            title = " ".join(_facet_part(k, v) for k, v in zip(keys, values, strict=True))
+            out.append((title, usable))
+    return out
+
+
+def _facet_part(key: str, value) -> str:
+    short = {"batch": "B", "prompt": "P", "gen": "G"}
+    return f"{short[key]}={value}" if key in short else str(value)
+
+
+def _line_figure(facets, x: str, ys: list[tuple[str, str]], colors: dict[str, str], xlabel: str):
+    """Small multiples, one panel per (facet, y), one line per implementation; several ys share a row."""
+    from matplotlib.figure import Figure
+
+    panels = [(title, group, y, ylabel) for title, group in facets[:MAX_FACETS] for y, ylabel in ys]
+    columns = len(ys) if len(ys) > 1 else min(3, len(panels))
+    rows = -(-len(panels) // columns)
+    figure = Figure(figsize=(4.6 * columns, 3.2 * rows))
+    axes = figure.subplots(rows, columns, squeeze=False).ravel()
+    for axis, (title, group, y, ylabel) in zip(axes, panels, strict=False):
+        for impl, lines in group.groupby("impl", sort=True):
+            points = lines.dropna(subset=[y]).groupby(x)[y].mean().sort_index()
+            if not points.empty:
+                axis.plot(points.index, points.values, marker="o", label=impl, color=colors[impl])
+        axis.set_title(title, fontsize=9)
+        axis.set_xlabel(xlabel)
+        axis.set_ylabel(ylabel)
+        axis.grid(alpha=0.3)
+        if group[x].min() > 0 and group[x].max() / group[x].min() >= 8:
+            axis.set_xscale("log", base=2)
+        axis.legend(fontsize=7)
+    for axis in axes[len(panels):]:
+        axis.set_visible(False)
+    figure.tight_layout()
+    return figure
+
+
+def _roofline_figure(frame: pd.DataFrame):
+    from matplotlib.figure import Figure
+
+    cells = frame[frame["decode_bw_pct"].notna() | frame["prefill_flop_pct"].notna()]
+    labels = [f"{r.impl} {r.model} {r.dtype} {r.device} B={r.batch} P={r.prompt} G={r.gen}"
+              for r in cells.itertuples()]
+    figure = Figure(figsize=(9, 0.6 + 0.42 * len(cells)))
+    axis = figure.subplots()
+    positions = range(len(cells))
+    height = 0.4
+    axis.barh([p - height / 2 for p in positions], cells["decode_bw_pct"].fillna(0), height,
+              label="decode: % of memory bandwidth", color="#1f77b4")
+    axis.barh([p + height / 2 for p in positions], cells["prefill_flop_pct"].fillna(0), height,
+              label="prefill: % of matmul peak", color="#ff7f0e")
+    axis.set_yticks(list(positions), labels, fontsize=7)
+    axis.invert_yaxis()
+    axis.set_xlabel("% of the device's roofline")
+    axis.legend(fontsize=8)
+    axis.grid(axis="x", alpha=0.3)
+    figure.tight_layout()
+    return figure
+
+
+def plots(frame: pd.DataFrame) -> list[tuple[str, str | None, str]]:
+    """[(title, PNG data URI or None, note)]: a None URI means the plot was skipped, the note says why."""
+    if frame.empty:
+        return [("Plots", None, "No ok generation cells: nothing to plot.")]
+    frame = frame.assign(context=frame["prompt"] + frame["gen"])
+    colors = _impl_colors(frame)
+    base_keys = ["model", "dtype", "device"]
+    specs = [
+        ("Output throughput vs batch", base_keys + ["prompt", "gen"], "batch", "batch size",
+         [("output_throughput", "output tokens/s")]),
+        ("TTFT and TPOT vs prompt length", base_keys + ["batch", "gen"], "prompt", "prompt tokens",
+         [("ttft_ms mean", "TTFT ms"), ("tpot_ms mean", "TPOT ms")]),
+        ("Peak memory vs context (prompt + gen)", base_keys + ["batch"], "context", "context tokens",
+         [("peak mem MiB", "peak memory MiB")]),
+    ]
+    out = []
+    for title, keys, x, xlabel, ys in specs:
+        facets = _facets(frame, keys, x, [y for y, _ in ys])
+        if not facets:
+            out.append((title, None, f"Skipped: the records do not vary in {xlabel} within any "
+                                     f"{'/'.join(keys)} group."))
+            continue
+        note = f"{len(facets)} group(s)" + (f"; the first {MAX_FACETS} shown" if len(facets) > MAX_FACETS else "")
+        out.append((title, _png_data_uri(_line_figure(facets, x, ys, colors, xlabel)), note))
+    has_roofline = frame[["decode_bw_pct", "prefill_flop_pct"]].notna().any().any()
+    if has_roofline:
+        out.append(("Roofline: share of the device's peak", _png_data_uri(_roofline_figure(frame)),
+                    "decode_bw_pct: bytes moved per decode step / (time x memory bandwidth); prefill_flop_pct: "
+                    "prefill FLOPs / (time x matmul peak)."))
+    else:
+        out.append(("Roofline: share of the device's peak", None, "Skipped: no cell has roofline figures."))
+    return out
+
+
+# ---------------------------------------------------------------- HTML
+
+CSS = """
+body { font-family: -apple-system, "Segoe UI", Helvetica, Arial, sans-serif; margin: 24px; color: #1b1f23; }
+h1 { font-size: 1.6em; } h2 { border-bottom: 1px solid #d0d7de; padding-bottom: 4px; margin-top: 1.6em; }
+table { border-collapse: collapse; font-size: 12px; margin: 8px 0 16px; }
+th, td { border: 1px solid #d0d7de; padding: 3px 7px; text-align: right; white-space: nowrap; }
+th { background: #f6f8fa; position: sticky; top: 0; }
+td:first-child, th:first-child { text-align: left; }
+tr:nth-child(even) td { background: #fafbfc; }
+.note { color: #57606a; font-size: 13px; margin: 4px 0; }
+.failed { color: #b31d28; font-weight: bold; } .passed { color: #22863a; font-weight: bold; }
+.wide { overflow-x: auto; }
+figure { margin: 12px 0 24px; } figure img { max-width: 100%; border: 1px solid #eaecef; }
+"""
+
+
+def _html_table(frame: pd.DataFrame) -> str:
+    return '<div class="wide">' + _display(frame).to_html(index=False, escape=True, border=0) + "</div>"
+
+
+def _html_notes(notes: Iterable[str]) -> str:
+    return "".join(f'<p class="note">{html_lib.escape(n)}</p>' for n in notes)
+
+
+def _html_tables(records: Sequence[dict], plot_after: str = "generation") -> list[str]:
+    """The tables, with the plots right after the ``plot_after`` table."""
+    parts = []
+    for name, frame in tables(records).items():
+        parts.append(f"<h2>{SECTION_TITLES[name]}</h2>")
+        if frame.empty:
+            parts.append('<p class="note">None.</p>')
+            parts += _html_plots(frame) if name == plot_after else []
+            continue
+        shown, omitted = _shown(name, frame)
+        parts.append(_html_notes(_section_notes(name, frame, omitted)))
+        parts.append(_html_table(shown))
+        if name == plot_after:
+            parts += _html_plots(frame)
+    return parts
+
+
+def _html_plots(frame: pd.DataFrame) -> list[str]:
+    parts = ["<h2>Plots</h2>"]
+    for title, uri, note in plots(frame):
+        if uri is None:
+            parts.append(f"<h3>{html_lib.escape(title)}</h3>{_html_notes([note])}")
+        else:
+            parts.append(f'<figure><h3>{html_lib.escape(title)}</h3><img alt="{html_lib.escape(title)}" '
+                         f'src="{uri}">{_html_notes([note])}</figure>')
+    return parts
+
+
+def _html_comparison(comparison: Comparison) -> list[str]:
+    verdict = "failed" if comparison.failed else "passed"
+    parts = ['<h2 id="regression-check">Regression check</h2>', f'<p class="{verdict}">{html_lib.escape(comparison.summary())}</p>',
+             _html_notes([comparison.rule()] + comparison.context_notes)]
+    for title, frame in comparison.tables().items():
+        if not frame.empty:
+            parts += [f"<h3>{html_lib.escape(title)} ({len(frame)})</h3>", _html_table(frame)]
+    return parts
+
+
+def _html(records: Sequence[dict], comparison: Comparison | None, title: str, notes: Sequence[str]) -> str:
+    body = [f"<h1>{html_lib.escape(title)}</h1>", f'<p class="note">{html_lib.escape(_summary(records))}</p>',
+            _html_notes(notes)]
+    if comparison is not None:
+        verdict = "failed" if comparison.failed else "passed"
+        body.append(f'<p class="{verdict}">{html_lib.escape(comparison.summary())} '
+                    '(<a href="#regression-check">details</a>)</p>')
+    body += _html_tables(records)
+    if comparison is not None:
+        body += _html_comparison(comparison)
+    return ("<!DOCTYPE html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n"
+            f"<title>{html_lib.escape(title)}</title>\n<style>{CSS}</style>\n</head>\n<body>\n"
+            + "\n".join(body) + "\n" + RENDER_PROBE + "</body>\n</html>\n")
+
+
+def html(records: Sequence[dict], baseline_records: Sequence[dict] | None = None, title: str = DEFAULT_TITLE) -> str:
+    """The report as one self-contained HTML page (inline CSS, plots as data: URIs, no network)."""
+    comparison = compare(list(records), list(baseline_records)) if baseline_records is not None else None
+    return _html(records, comparison, title, [])
+
+
+# ---------------------------------------------------------------- files and the CLI entry point
+
+
+def _as_list(sources: Source | Iterable[Source]) -> list[Source]:
+    return [sources] if isinstance(sources, (str, os.PathLike)) else list(sources)
+
+
+def load_merged(sources: Source | Iterable[Source]) -> tuple[list[dict], list[str]]:
+    """Records of several directories/files joined into one per cell (see :func:`records.merge`), and the
+    merge's conflict lines."""
+    return merge(load([source]) for source in _as_list(sources))
+
+
+def write_atomic(path: Source, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file in the same directory and os.replace."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_report(sources: Source | Iterable[Source], html_path: Source | None = None, md_path: Source | None = None,
+                 baseline: Source | Iterable[Source] | None = None, title: str = DEFAULT_TITLE,
+                 threshold: float = 0.05, alpha: float = 0.05, gate_kernels: bool = False) -> int:
+    """Render the records of ``sources`` to ``html_path`` and/or ``md_path``, gated against ``baseline``
+    records when given (kernel records too with ``gate_kernels``). Returns 1 when the gate flags a
+    regression, else 0."""
+    records, conflicts = load_merged(sources)
+    notes = [f"Merge conflict: {c}" for c in conflicts]
+    comparison = None
+    if baseline is not None:
+        baseline_records, baseline_conflicts = load_merged(baseline)
+        notes += [f"Baseline merge conflict: {c}" for c in baseline_conflicts]
+        comparison = compare(records, baseline_records, threshold=threshold, alpha=alpha, kernels=gate_kernels)
+    if md_path is not None:
+        write_atomic(md_path, _markdown(records, comparison, title, notes))
+    if html_path is not None:
+        write_atomic(html_path, _html(records, comparison, title, notes))
+    return 1 if comparison is not None and comparison.failed else 0
