@@ -36,8 +36,8 @@ class Hangs(ReferenceAdapter):
 
 
 class Reference(ReferenceAdapter):
-    """The reference; with GEMMA_TEST_SLOWDOWN=1 every forward runs twice (twice the work, a real
-    slowdown of the same path, as a regression would be)."""
+    """The reference; with GEMMA_TEST_SLOWDOWN=1 every forward and every LM head runs twice (twice the
+    work, a real slowdown of the same path, as a regression would be)."""
 
     name = "reference-under-test"
 
@@ -57,3 +57,5 @@ class Reference(ReferenceAdapter):
                 return forward(*args, **kwargs)
 
             self.model.forward = twice
+            head = self.model.head
+            self.model.head = lambda x: (head(x), head(x))[1]

@@ -262,3 +262,25 @@ def test_bad_suite_is_refused_in_one_line(tmp_path):
     bad.write_text("sweep: [{impl: [reference], model: [gemma-3-270m-tiny], batch: [1], prompt: [4]}]")
     proc = _bench(bad, "--out", tmp_path / "out")
     assert proc.returncode == 2 and proc.stderr.strip().count("\n") == 0 and "'gen' is missing" in proc.stderr
+
+
+def test_regression_gate_flags_a_real_slowdown_and_stays_quiet_on_the_same_code(tmp_path):
+    """Three runs of one cell: the baseline, the same code again, and the same code doing its forward
+    twice (a real slowdown of the same path). The gate must flag the third and only the third."""
+    from harness.bench.regress import compare
+
+    sweep = [{"impl": ["tests.bench_ports:Reference"], "model": [{"name": "gemma-3-270m", "layers": 1}],
+              "dtype": ["float32"], "batch": [1], "prompt": [32], "gen": [6]}]
+    suite = _suite(tmp_path, sweep, min_reps=8, max_reps=8, max_seconds=60)
+    for run, slow in (("base", "0"), ("same", "0"), ("slow", "1")):
+        proc = _bench(suite, "--out", tmp_path / run, "-q", env={"GEMMA_TEST_SLOWDOWN": slow})
+        assert proc.returncode == 0, proc.stderr[-2000:]
+    base, same, slow = (records.load([tmp_path / run]) for run in ("base", "same", "slow"))
+    quiet = compare(same, base)
+    assert not quiet.failed, quiet.markdown()
+    flagged = compare(slow, base)
+    assert flagged.failed and {c.metric for c in flagged.regressions} >= {"tpot_ms", "e2el_ms"}, flagged.markdown()
+    report = subprocess.run([sys.executable, "-m", "harness.cli", "report", tmp_path / "slow", "--baseline",
+                             tmp_path / "base", "--md", tmp_path / "r.md"], cwd=ROOT, capture_output=True, text=True)
+    assert report.returncode == 1, report.stderr
+    assert "regression" in (tmp_path / "r.md").read_text().lower()
