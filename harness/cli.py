@@ -386,7 +386,7 @@ def _cmd_bench(args) -> int:
     if problem:
         raise Refused(problem)
     try:
-        written = runner.run(suite, cells, args.out, resume=args.resume, quiet=args.quiet)
+        written = runner.run(suite, cells, args.out, resume=args.resume, quiet=args.quiet, ray_address=args.ray)
     except (runner.RunError, records.RecordsError) as exc:
         raise Refused(str(exc)) from None
     counts = {s: sum(r["status"] == s for r in written) for s in records.STATUSES}
@@ -495,6 +495,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shard", metavar="I/N", help="run shard I of N (cells split by cell id)")
     p.add_argument("--filter", metavar="EXPR", help="only cells matching, e.g. 'impl=hf|reference,batch<=4'")
     p.add_argument("--list", action="store_true", help="print the selected cells and exit")
+    p.add_argument("--ray", metavar="ADDRESS", help="run the cells as tasks of a Ray cluster (`local`: start one here)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar or per-cell lines")
     p.set_defaults(func=_cmd_bench)
 

@@ -284,3 +284,14 @@ def test_regression_gate_flags_a_real_slowdown_and_stays_quiet_on_the_same_code(
                              tmp_path / "base", "--md", tmp_path / "r.md"], cwd=ROOT, capture_output=True, text=True)
     assert report.returncode == 1, report.stderr
     assert "regression" in (tmp_path / "r.md").read_text().lower()
+
+
+def test_sweep_over_a_local_ray_instance(tmp_path):
+    """--ray: one task per cell, the driver appending each record as its result arrives."""
+    pytest.importorskip("ray")
+    suite = _suite(tmp_path, [{"impl": ["reference", "hf"], **TINY}])
+    proc = _bench(suite, "--out", tmp_path / "out", "--ray", "local", "-q")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    recs = records.load([tmp_path / "out"])
+    assert check.run_problems(recs, {c.cell_id for c in load_suite(suite).cells}) == []
+    assert all(r["context"]["node"] for r in recs) and all(r["roofline"]["bandwidth_gb_s"] for r in recs)

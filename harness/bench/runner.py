@@ -17,7 +17,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -216,9 +216,27 @@ def machine_facts(out_dir: Path, device: str, dtypes: tuple[str, ...]) -> dict |
     return result["machine"]
 
 
+def _local_results(suite: Suite, todo: list[Cell], out: Path, bar) -> Iterator[tuple[Cell, dict, dict | None, str, float]]:
+    """Cells one after another on this machine: (cell, result, machine facts, started, seconds)."""
+    dtypes_by_device: dict[str, set[str]] = {}
+    for c in todo:
+        dtypes_by_device.setdefault(c.device, set()).add(c.dtype)
+    machines = {d: machine_facts(out, d, tuple(sorted(ds))) for d, ds in dtypes_by_device.items()}
+    for cell in todo:
+        bar.set_description(cell.label[:60])
+        started, t0 = _now(), time.perf_counter()
+        result = run_child(_job(suite, cell), python_for(cell.impl), suite.settings["timeout_s"])
+        yield cell, result, machines.get(cell.device), started, time.perf_counter() - t0
+
+
+def _job(suite: Suite, cell: Cell) -> dict:
+    return {"cell": cell.params(), "settings": suite.settings, "seed": suite.seed}
+
+
 def run(suite: Suite, cells: list[Cell], out_dir: str | Path, resume: bool = False, quiet: bool = False,
-        on_record: Callable[[dict], None] | None = None) -> list[dict]:
-    """Run ``cells`` of ``suite`` into ``out_dir``; the records written by this call."""
+        on_record: Callable[[dict], None] | None = None, ray_address: str | None = None) -> list[dict]:
+    """Run ``cells`` of ``suite`` into ``out_dir`` (here, one after another, or as tasks of a Ray cluster
+    with ``ray_address``); the records written by this call, each appended as its cell finishes."""
     out = Path(out_dir)
     path = records.records_path(out)
     done = records.finished_ids(path) if path.exists() else set()
@@ -226,23 +244,21 @@ def run(suite: Suite, cells: list[Cell], out_dir: str | Path, resume: bool = Fal
         raise RunError(f"{out} already holds {len(done)} records: --resume to continue that run, or another --out")
     out.mkdir(parents=True, exist_ok=True)
     todo = [c for c in cells if c.cell_id not in done]
-    dtypes_by_device: dict[str, set[str]] = {}
-    for c in todo:
-        dtypes_by_device.setdefault(c.device, set()).add(c.dtype)
-    machines = {d: machine_facts(out, d, tuple(sorted(ds))) for d, ds in dtypes_by_device.items()}
     written = []
     from tqdm import tqdm
 
     bar = tqdm(total=len(todo), disable=quiet, unit="cell", dynamic_ncols=True, file=sys.stderr)
     if done and not quiet:
         bar.write(f"resuming: {len(done)} cells already recorded, {len(todo)} to run")
+    if ray_address:
+        from .ray_runner import ray_results
+
+        results = ray_results(suite, todo, out, ray_address, _job)
+    else:
+        results = _local_results(suite, todo, out, bar)
     try:
-        for cell in todo:
-            bar.set_description(cell.label[:60])
-            started, t0 = _now(), time.perf_counter()
-            job = {"cell": cell.params(), "settings": suite.settings, "seed": suite.seed}
-            result = run_child(job, python_for(cell.impl), suite.settings["timeout_s"])
-            record = build_record(cell, result, suite, machines.get(cell.device), started, time.perf_counter() - t0)
+        for cell, result, machine, started, seconds in results:
+            record = build_record(cell, result, suite, machine, started, seconds)
             records.append_record(path, record)
             written.append(record)
             if on_record:

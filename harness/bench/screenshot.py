@@ -151,3 +151,28 @@ def screenshot(html_path: str | os.PathLike, png_path: str | os.PathLike, width:
     if not png_path.exists() or png_path.stat().st_size == 0:
         raise RuntimeError(f"chromium wrote no screenshot to {png_path}")
     return {"png": str(png_path), "width": width, "height": height, "bytes": png_path.stat().st_size, **result}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m harness.bench.screenshot REPORT.html SHOT.png``: exit 1 unless every image rendered
+    and no request left the file."""
+    import argparse
+    import sys
+
+    parser = argparse.ArgumentParser(prog="python -m harness.bench.screenshot", description=main.__doc__)
+    parser.add_argument("html")
+    parser.add_argument("png")
+    args = parser.parse_args(argv)
+    try:
+        shot = screenshot(args.html, args.png)
+    except (ChromiumMissing, RuntimeError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    ok = shot["rendered"] == shot["images"] and not shot["external_requests"]
+    print(f"{shot['png']}: {shot['rendered']}/{shot['images']} images rendered, "
+          f"{len(shot['external_requests'])} external requests ({shot['width']}x{shot['height']} px)")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
