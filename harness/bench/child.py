@@ -171,6 +171,22 @@ def timed_runs(adapter, ids, gen: int, settings: dict, sync) -> tuple[list[list[
     return reps, note
 
 
+def profile_generation(adapter, ids, gen: int, cuda: bool, top: int = 12) -> dict:
+    """One more (untimed) generation under torch.profiler: the operators with the most self time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=activities) as prof:
+        adapter.bench_generate(ids, gen, lambda _t: None)
+    events = prof.key_averages()
+    timer = "self_device_time_total" if cuda else "self_cpu_time_total"
+    total = sum(getattr(e, timer, 0) for e in events) or 1
+    ranked = sorted(events, key=lambda e: getattr(e, timer, 0), reverse=True)[:top]
+    return {"timer": timer.removesuffix("_total"), "total_ms": total / 1e3,
+            "ops": [{"op": e.key, "ms": getattr(e, timer) / 1e3, "pct": 100 * getattr(e, timer) / total,
+                     "calls": e.count} for e in ranked]}
+
+
 def run_cell(cell: dict, settings: dict, seed: int) -> dict:
     from ..adapters.base import Unsupported, supports
     from .context import environment
@@ -223,6 +239,8 @@ def run_cell(cell: dict, settings: dict, seed: int) -> dict:
     if energy_start is not None and energy_end is not None:
         joules = (energy_end - energy_start) / 1000
         energy = {"joules": joules, "joules_per_token": joules / tokens, "source": "nvml"}
+    if settings.get("profile"):
+        out["profile"] = profile_generation(adapter, ids, cell["gen"], cuda)
     adapter.close()
     out.update(stamps=reps, note=note, memory=memory, energy=energy, warmup=max(1, settings["warmup"]) + 1,
                kv_cache={"after_prefill_bytes": kv_prefill, "after_last_token_bytes": kv_last,

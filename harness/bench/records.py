@@ -23,6 +23,8 @@ A record (``schema`` = :data:`SCHEMA`)::
                 implementation does not expose its cache)
     roofline    {"bandwidth_gb_s", "matmul_tflops", "decode_bytes_per_step", "decode_bw_pct",
                  "prefill_flops", "prefill_flop_pct"}
+    profile     {"timer", "total_ms", "ops": [{"op", "ms", "pct", "calls"}]} (suite setting profile: true;
+                one untimed generation under torch.profiler) or null
     model_facts {"params", "weight_bytes", "layers", "layers_total", "cut"}
     context     {"harness", "git", "suite", "suite_hash", "seed", "python", "torch", "transformers",
                  "vllm", "impl_version", "host", "device": {...}}

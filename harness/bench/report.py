@@ -286,8 +286,22 @@ def tables(records: Sequence[dict], baseline: str | None = None) -> dict[str, pd
         "generation": generation_table(records, baseline),
         "status": status_table(records),
         "kernels": kernel_table(records),
+        "profile": profile_table(records),
         "environment": environment_table(records),
     }
+
+
+def profile_table(records: Iterable[dict]) -> pd.DataFrame:
+    """Where the time goes: for each cell profiled (suite setting ``profile: true``), the operators with
+    the most self time in one untimed generation, with their share of it."""
+    rows = []
+    for r in _ok_generation(records):
+        prof = r.get("profile")
+        if not prof:
+            continue
+        top = ", ".join(f"{op['op']} {op['pct']:.0f}%" for op in prof["ops"][:6])
+        rows.append({**_labels(r["cell"]), "profiled ms": prof["total_ms"], "timer": prof["timer"], "top operators": top})
+    return pd.DataFrame(rows)
 
 
 # ---------------------------------------------------------------- display helpers
@@ -343,6 +357,7 @@ SECTION_TITLES = {
     "generation": "Generation cells",
     "status": "Errors and unsupported cells",
     "kernels": "Kernels",
+    "profile": "Where the time goes",
     "environment": "Environment",
 }
 

@@ -188,6 +188,7 @@ def build_record(cell: Cell, result: dict, suite: Suite, machine: dict | None, s
                      "stable": stable, "note": result.get("note") or ("" if stable else "target CV not reached")},
         memory=result["memory"], energy=result.get("energy"), kv_cache=result["kv_cache"],
         roofline=roofline(cell, spec, facts, metrics, machine),
+        profile=result.get("profile"),
         model_facts={**facts, "layers": len(spec.layers),
                      "layers_total": layers_total(cell.model), "cut": bool(cell.layers)},
     )
