@@ -353,6 +353,7 @@ def _display(frame: pd.DataFrame) -> pd.DataFrame:
     return shown
 
 
+OPTIONAL_SECTIONS = ("profile",)  # left out when no record has one
 SECTION_TITLES = {
     "generation": "Generation cells",
     "status": "Errors and unsupported cells",
@@ -393,6 +394,8 @@ def _markdown(records: Sequence[dict], comparison: Comparison | None, title: str
         lines += [f"**{comparison.summary()}** (details under Regression check)", ""]
     lines += [f"- {note}" for note in notes] + ([""] if notes else [])
     for name, frame in tables(records).items():
+        if frame.empty and name in OPTIONAL_SECTIONS:
+            continue
         lines.append(f"## {SECTION_TITLES[name]}")
         lines.append("")
         if frame.empty:
@@ -560,6 +563,8 @@ def _html_tables(records: Sequence[dict], plot_after: str = "generation") -> lis
     """The tables, with the plots right after the ``plot_after`` table."""
     parts = []
     for name, frame in tables(records).items():
+        if frame.empty and name in OPTIONAL_SECTIONS:
+            continue
         parts.append(f"<h2>{SECTION_TITLES[name]}</h2>")
         if frame.empty:
             parts.append('<p class="note">None.</p>')
