@@ -127,3 +127,28 @@ def test_hf_of_this_env_conforms(dtype):
     for name in TWINS:
         result = conform(name, candidate="hf", dtype=dtype)
         assert result.passed, result.verdict()
+
+
+def test_vllm_benchmark_cell_is_recorded_with_its_cache(tmp_path):
+    """The benchmark runner's vLLM cell: vLLM's offline engine stepped one step at a time, timed like the
+    others; its records pass the runner's consistency checks and carry vLLM's KV block pool figure."""
+    import subprocess
+    import sys
+
+    import yaml
+
+    from harness.bench import check, records
+    from harness.bench.suite import load_suite
+
+    suite = tmp_path / "v.yaml"
+    suite.write_text(yaml.safe_dump({"name": "v", "settings": {"min_reps": 2, "max_reps": 2, "timeout_s": 600},
+                                     "sweep": [{"impl": ["vllm"], "model": [{"name": "gemma-3-1b", "layers": 1}],
+                                                "dtype": ["float32"], "batch": [2], "prompt": [24], "gen": [3]}]}))
+    proc = subprocess.run([sys.executable, "-m", "harness.cli", "bench", str(suite), "--out", str(tmp_path / "out"), "-q"],
+                          capture_output=True, text=True, timeout=900)
+    recs = records.load([tmp_path / "out"])
+    assert proc.returncode == 0, recs[0].get("reason") if recs else proc.stderr[-2000:]
+    assert check.run_problems(recs, {c.cell_id for c in load_suite(suite).cells}) == []
+    record = recs[0]
+    assert record["context"]["impl_version"].startswith("vllm-") and record["context"]["vllm"]
+    assert record["kv_cache"]["after_last_token_bytes"] > 0
