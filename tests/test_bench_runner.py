@@ -295,3 +295,14 @@ def test_sweep_over_a_local_ray_instance(tmp_path):
     recs = records.load([tmp_path / "out"])
     assert check.run_problems(recs, {c.cell_id for c in load_suite(suite).cells}) == []
     assert all(r["context"]["node"] for r in recs) and all(r["roofline"]["bandwidth_gb_s"] for r in recs)
+
+
+def test_a_port_without_generate_is_unsupported_not_benchmarked_through_a_loop_of_ours():
+    import torch
+
+    from harness.adapters import HFCausalLMAdapter, Unsupported
+
+    adapter = HFCausalLMAdapter(torch.nn.Linear, name="plain")
+    adapter.model = torch.nn.Linear(2, 2)
+    with pytest.raises(Unsupported, match="Linear has no generate"):
+        adapter.bench_generate(torch.zeros(1, 3, dtype=torch.long), 2, lambda t: None)

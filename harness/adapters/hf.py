@@ -17,7 +17,7 @@ from collections.abc import Mapping
 import torch
 
 from ..synthetic import Batch
-from .base import Adapter, AdapterError, feed_in_chunks
+from .base import Adapter, AdapterError, Unsupported, feed_in_chunks
 
 
 @contextlib.contextmanager
@@ -154,7 +154,12 @@ class HFCausalLMAdapter(Adapter):
 
     @torch.no_grad()
     def bench_generate(self, input_ids: torch.Tensor, steps: int, on_token) -> None:
-        """HF's own ``generate`` (greedy, EOS off, its default cache); a streamer reports each step's tokens."""
+        """HF's own ``generate`` (greedy, EOS off, its default cache); a streamer reports each step's tokens.
+        A port without ``generate`` (no ``GenerationMixin``) is unsupported: the benchmark must time the
+        port's own generation path, not one the harness would write for it."""
+        if not callable(getattr(self.model, "generate", None)):
+            raise Unsupported("generate", f"{type(self.model).__name__} has no generate() (HF GenerationMixin); "
+                                          "give the adapter a bench_generate() to benchmark it")
         from transformers import GenerationConfig
         from transformers.generation.streamers import BaseStreamer
 
