@@ -38,8 +38,18 @@ class RMSNorm(nn.Module):
         return ops.rms_norm(x, self.weight, self.eps, self.offset, self.use_pow)
 
 
+class Linear(nn.Linear):
+    """A bias-free ``nn.Linear`` whose matmul always folds the leading dims, as HF's does (:func:`ops.linear`)."""
+
+    def __init__(self, n_in: int, n_out: int):
+        super().__init__(n_in, n_out, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return ops.linear(x, self.weight)
+
+
 def _linear(n_in: int, n_out: int) -> nn.Linear:
-    return nn.Linear(n_in, n_out, bias=False)
+    return Linear(n_in, n_out)
 
 
 class Attention(nn.Module):
@@ -369,7 +379,9 @@ class Gemma(nn.Module):
 
     def head(self, x: torch.Tensor) -> torch.Tensor:
         """Logits of final-norm outputs x (..., H): the LM head (the tied embedding) and the final softcap."""
-        logits = x @ self.embed.weight.T if self.lm_head is None else self.lm_head(x)
+        # ops.linear, not x @ weight.T: the latter copied the whole 262k x H embedding per call on a sliced
+        # bf16 x such as hidden[:, -1:] (see ops.linear for the measurement).
+        logits = ops.linear(x, self.embed.weight) if self.lm_head is None else self.lm_head(x)
         return ops.softcap(logits, self.spec.final_softcap)
 
     def _rope_tables(self, positions: torch.Tensor) -> dict:

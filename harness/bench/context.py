@@ -70,8 +70,11 @@ def cpu_facts() -> dict:
         physical = psutil.cpu_count(logical=False)
     except ImportError:
         physical = None
+    # the load when the cell started: CPU timings (bf16 above all: OpenMP threads spin-wait for one
+    # another) swing several-fold on a machine shared with other work, and this says whether it was
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     return {"type": "cpu", "name": _cpu_model(), "logical_cores": os.cpu_count(), "physical_cores": physical,
-            "threads": torch.get_num_threads(), "blas": _blas(), "machine": platform.machine()}
+            "threads": torch.get_num_threads(), "blas": _blas(), "machine": platform.machine(), "load_1m": load}
 
 
 def _nvml_handle(index: int):

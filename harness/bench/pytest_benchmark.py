@@ -21,7 +21,7 @@ One record per benchmark of the JSON, in the schema of :mod:`harness.bench.recor
                  "name" (the CPU's brand for a CPU benchmark), ...}, "machine_info" {"cpu", "system",
                  "machine", "python_implementation"}, "source", "pytest_benchmark"}
     started_at  the JSON's datetime; duration_s the timed work (sum of rounds x iterations)
-    reason, memory, energy, kv_cache, roofline, model_facts: null or empty (not measured here)
+    reason, memory, energy, kv_cache, roofline, profile, model_facts: null or empty (not measured here)
 
     >>> records = records_from_pytest_benchmark(json.load(open("blocks.json")), source="blocks.json")
     >>> write_records("blocks.json", "results/")   # appends the new ones to results/records.jsonl
@@ -43,7 +43,7 @@ ID_PREFIX = "k-"
 TIME_STATS = ("mean", "median", "std", "p90", "p99", "min", "n")
 # Every top-level field of a kernel record (the schema of harness.bench.records, plus "kind").
 RECORD_FIELDS = ("schema", "kind", "cell_id", "cell", "label", "status", "reason", "metrics", "samples",
-                 "repetitions", "memory", "energy", "kv_cache", "roofline", "model_facts", "context",
+                 "repetitions", "memory", "energy", "kv_cache", "roofline", "profile", "model_facts", "context",
                  "started_at", "duration_s")
 
 
@@ -142,6 +142,7 @@ def _record(data: dict, bench: dict, source: str) -> dict:
         "energy": None,
         "kv_cache": None,
         "roofline": None,
+        "profile": None,
         "model_facts": None,
         "context": _context(data, bench, device, source),
         "started_at": data.get("datetime"),

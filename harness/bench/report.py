@@ -142,6 +142,7 @@ def _generation_row(record: dict) -> dict:
         "J/token": energy.get("joules_per_token"),
         "decode_bw_pct": roofline.get("decode_bw_pct"),
         "prefill_flop_pct": roofline.get("prefill_flop_pct"),
+        "load 1m": ((record.get("context") or {}).get("device") or {}).get("load_1m"),
         "options": options_label(record["cell"].get("options")),
     })
     return row
@@ -238,7 +239,7 @@ def kernel_table(records: Iterable[dict]) -> pd.DataFrame:
 
 # Context fields that change from cell to cell on one machine (a GPU's current clock): left out of the
 # environment table so that it lists each machine/software combination once.
-VOLATILE_CONTEXT = ("device.sm_clock_mhz",)
+VOLATILE_CONTEXT = ("device.sm_clock_mhz", "device.load_1m")  # per cell: load 1m is a generation column
 CONTEXT_ORDER = ("harness", "git", "suite", "suite_hash", "python", "torch", "transformers", "vllm",
                  "impl_version", "host", "seed")
 
