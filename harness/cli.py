@@ -385,6 +385,12 @@ def _cmd_bench(args) -> int:
     problem = _check_output_path(os.path.join(args.out, records.RECORDS_FILE), "--out")
     if problem:
         raise Refused(problem)
+    if args.retry_errors:
+        if not args.resume:
+            raise Refused("--retry-errors goes with --resume (it reruns the error cells of that run)")
+        dropped = records.drop_errors(records.records_path(args.out))
+        if not args.quiet:
+            print(f"--retry-errors: {dropped} error records removed; their cells run again", file=sys.stderr)
     try:
         written = runner.run(suite, cells, args.out, resume=args.resume, quiet=args.quiet, ray_address=args.ray)
     except (runner.RunError, records.RecordsError) as exc:
@@ -492,6 +498,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("suite", help="the suite file (YAML)")
     p.add_argument("--out", required=True, metavar="DIR", help="records go to DIR/records.jsonl")
     p.add_argument("--resume", action="store_true", help="skip the cells DIR already holds records of")
+    p.add_argument("--retry-errors", action="store_true", help="with --resume: run the cells recorded as errors again")
     p.add_argument("--shard", metavar="I/N", help="run shard I of N (cells split by cell id)")
     p.add_argument("--filter", metavar="EXPR", help="only cells matching, e.g. 'impl=hf|reference,batch<=4'")
     p.add_argument("--list", action="store_true", help="print the selected cells and exit")

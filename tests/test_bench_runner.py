@@ -306,3 +306,41 @@ def test_a_port_without_generate_is_unsupported_not_benchmarked_through_a_loop_o
     adapter.model = torch.nn.Linear(2, 2)
     with pytest.raises(Unsupported, match="Linear has no generate"):
         adapter.bench_generate(torch.zeros(1, 3, dtype=torch.long), 2, lambda t: None)
+
+
+@pytest.mark.gpu
+def test_cuda_cell_records_gpu_memory_energy_and_device_facts(tmp_path):
+    import torch
+
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device here")
+    suite = _suite(tmp_path, [{"impl": ["reference", "hf"], **TINY, "device": ["cuda:0"]}])
+    proc = _bench(suite, "--out", tmp_path / "out", "-q")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    recs = records.load([tmp_path / "out"])
+    assert check.run_problems(recs, {c.cell_id for c in load_suite(suite).cells}) == []
+    for r in recs:
+        assert r["memory"]["torch_max_allocated_bytes"] > 0
+        assert r["context"]["device"]["type"] == "cuda" and r["context"]["device"].get("uuid")
+        assert r["roofline"]["bandwidth_gb_s"] > 100  # any datacenter GPU; a CPU probe would be ~10-50
+
+
+def test_a_cuda_cell_on_a_machine_without_cuda_is_unsupported(tmp_path):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    suite = _suite(tmp_path, [{"impl": ["reference"], **TINY, "device": ["cuda:0"]}])
+    proc = _bench(suite, "--out", tmp_path / "out", "-q")
+    assert proc.returncode == 0
+    (record,) = records.load([tmp_path / "out"])
+    assert record["status"] == "unsupported" and "no CUDA device here" in record["reason"]
+
+
+def test_retry_errors_reruns_only_the_error_cells(tmp_path):
+    path = records.records_path(tmp_path)
+    for cid, status in (("c-1", "ok"), ("c-2", "error"), ("c-3", "unsupported")):
+        records.append_record(path, _record(cid, status=status))
+    assert records.drop_errors(path) == 1
+    assert [r["cell_id"] for r in records.iter_records(path)] == ["c-1", "c-3"]
+    assert records.finished_ids(path) == {"c-1", "c-3"}

@@ -111,6 +111,21 @@ def load(sources: Iterable[str | os.PathLike]) -> list[dict]:
     return out
 
 
+def drop_errors(path: str | os.PathLike) -> int:
+    """Rewrite the file without its error records (atomically: a temporary file replaces it), so that
+    their cells run again; how many were dropped."""
+    path = Path(path)
+    if not path.exists():
+        return 0
+    kept = [r for r in iter_records(path) if r.get("status") != "error"]
+    dropped = sum(1 for _ in iter_records(path)) - len(kept)
+    if dropped:
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text("".join(json.dumps(r, sort_keys=True, allow_nan=False, default=str) + "\n" for r in kept))
+        os.replace(tmp, path)
+    return dropped
+
+
 def finished_ids(path: str | os.PathLike) -> set[str]:
     path = Path(path)
     return {r["cell_id"] for r in iter_records(path)} if path.exists() else set()
