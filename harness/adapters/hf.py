@@ -69,6 +69,8 @@ class HFCausalLMAdapter(Adapter):
         config = hf_config_object(hf_config)
         try:
             model = self.build(config, dtype)
+        except Unsupported:
+            raise
         except Exception as exc:  # noqa: BLE001
             raise AdapterError(f"{self.name}: building the model failed: {type(exc).__name__}: {exc}") from exc
         params = dict(model.state_dict())
@@ -235,7 +237,13 @@ class _HFAuto(HFCausalLMAdapter):
     def build(self, config, dtype):
         from transformers import AutoModelForCausalLM
 
-        return AutoModelForCausalLM.from_config(config, attn_implementation=self.attn, dtype=dtype)
+        try:
+            return AutoModelForCausalLM.from_config(config, attn_implementation=self.attn, dtype=dtype)
+        except ValueError as exc:
+            if "does not support an attention implementation" not in str(exc):
+                raise
+            raise Unsupported("attention", f"HF {config.model_type} has no {self.attn} attention "
+                                           f"({str(exc).split('. ')[0]})") from exc
 
 
 def hf_adapter(attn: str = "eager") -> HFCausalLMAdapter:
