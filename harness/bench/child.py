@@ -131,18 +131,12 @@ def _energy_mj(nvml) -> int | None:
         return None
 
 
-def _cv(values: list[float]) -> float:
-    if len(values) < 2:
-        return float("inf")
-    mean = sum(values) / len(values)
-    var = sum((v - mean) ** 2 for v in values) / (len(values) - 1)
-    return var ** 0.5 / mean if mean > 0 else float("inf")
-
-
 def timed_runs(adapter, ids, gen: int, settings: dict, sync) -> tuple[list[list[float]], str]:
     """Repetitions of the whole generation: per repetition the times (s, from its start) at which each
     step's tokens existed. Stops at max_reps, or once min_reps are done and e2el's CV <= target_cv, or
     past max_seconds of timed work."""
+    from .runner import cv
+
     reps: list[list[float]] = []
     spent = 0.0
     note = ""
@@ -161,7 +155,8 @@ def timed_runs(adapter, ids, gen: int, settings: dict, sync) -> tuple[list[list[
         reps.append([s - start for s in stamps])
         spent += stamps[-1] - start
         if len(reps) >= settings["min_reps"]:
-            if _cv([r[-1] for r in reps]) <= settings["target_cv"]:
+            spread = cv([r[-1] for r in reps])
+            if spread is not None and spread <= settings["target_cv"]:
                 break
             if spent >= settings["max_seconds"]:
                 note = f"stopped after {spent:.0f} s of timed work (max_seconds) before reaching the target CV"

@@ -109,7 +109,8 @@ def stats(values: list[float]) -> dict:
             "p90": float(np.percentile(a, 90)), "p99": float(np.percentile(a, 99)), "n": int(a.size)}
 
 
-def _cv(values: list[float]) -> float | None:
+def cv(values: list[float]) -> float | None:
+    """Coefficient of variation (sample std / mean); None below two values."""
     a = np.asarray(values, dtype=float)
     return float(a.std(ddof=1) / a.mean()) if a.size > 1 and a.mean() > 0 else None
 
@@ -180,7 +181,7 @@ def build_record(cell: Cell, result: dict, suite: Suite, machine: dict | None, s
     spec = model_spec(cell)
     facts = cost.model_facts(spec)
     reps = len(result["stamps"])
-    cvs = {k: _cv(v) for k, v in samples.items()}
+    cvs = {k: cv(v) for k, v in samples.items()}
     stable = cvs["e2el_ms"] is not None and cvs["e2el_ms"] <= suite.settings["target_cv"]
     record.update(
         metrics=metrics, samples=samples,
