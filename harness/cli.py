@@ -434,6 +434,41 @@ def _cmd_merge(args) -> int:
     return EXIT_FAIL if conflicts else EXIT_OK
 
 
+def _gib(n: float) -> str:
+    return f"{n / 2**30:,.3f} GiB"
+
+
+def _cmd_memory(args) -> int:
+    from reference_impl.spec import ModelSpec
+
+    from .kvcache import CONTEXTS, DTYPE_BYTES, breakdown
+
+    _check_model(args.model)
+    if args.kv_dtype not in DTYPE_BYTES:
+        raise Refused(f"unknown --kv-dtype {args.kv_dtype!r}; choose from {', '.join(DTYPE_BYTES)}")
+    _check_outputs(args, "--json")
+    config = configs.hf_config(args.model)
+    spec = ModelSpec.from_hf_config(config)
+    longest = config.get("max_position_embeddings")
+    if args.context is not None and (args.context < 1 or (longest and args.context > longest)):
+        raise Refused(f"--context {args.context}: {args.model} takes 1 to {longest} tokens")
+    contexts = [args.context] if args.context else [c for c in CONTEXTS if not longest or c <= longest]
+    results = [breakdown(spec, tokens, args.batch, args.kv_dtype) for tokens in contexts]
+    print(f"{args.model}: KV cache, {args.kv_dtype}, batch {args.batch} (stored: K and V both; minimal: K=V "
+          "layers keep their one projection)")
+    for r in results:
+        print(f"\n{r['tokens']:,} tokens: stored {_gib(r['stored_bytes'])}, minimal {_gib(r['minimal_bytes'])}")
+        for name, row in r["by_layer_type"].items():
+            print(f"  {row['layers']:>3} x {name:<36} holds {row['tokens_held']:>7,} tokens  "
+                  f"stored {_gib(row['stored_bytes'])}  minimal {_gib(row['minimal_bytes'])}")
+    if args.json:
+        from .report import write_atomic
+
+        write_atomic(args.json, json.dumps({"model": args.model, "max_context": longest, "results": results},
+                                           indent=1) + "\n")
+    return EXIT_OK
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gemma-harness", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -493,6 +528,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", metavar="PATH", help="everything measured (reports/calibration.json)")
     p.add_argument("--report", metavar="PATH", help="the margin table as Markdown (reports/calibration.md)")
     p.set_defaults(func=_cmd_calibrate)
+
+    p = sub.add_parser("memory", help="analytic KV-cache bytes of a model, by layer type, at one or several contexts")
+    p.add_argument("--model", required=True, help="config name (see `gemma-harness configs`)")
+    p.add_argument("--context", type=int, help="tokens (default: 4K, 8K, 32K, 128K, 256K up to the model's maximum)")
+    p.add_argument("--kv-dtype", default="bfloat16", help="bfloat16 (default), float32, float16, fp8, int8, int4")
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--json", metavar="PATH", help="write the totals and the breakdown as JSON")
+    p.set_defaults(func=_cmd_memory)
 
     p = sub.add_parser("bench", help="run a benchmark sweep (suites/bench/*.yaml) into JSON Lines records")
     p.add_argument("suite", help="the suite file (YAML)")

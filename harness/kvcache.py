@@ -9,9 +9,12 @@ only the one projection (``minimal``); implementations, HF's included, store K a
 
 from __future__ import annotations
 
+from collections import OrderedDict
+
 from reference_impl.spec import LayerSpec, ModelSpec
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "fp8": 1, "int8": 1, "int4": 0.5}
+CONTEXTS = (4096, 8192, 32768, 131072, 262144)  # the table's context lengths, each up to the model's maximum
 
 
 def tokens_held(layer: LayerSpec, tokens: int) -> int:
@@ -40,3 +43,32 @@ def kv_bytes_read(spec: ModelSpec, tokens: int, batch: int = 1, dtype_bytes: flo
         seen = tokens if source.window is None else min(tokens, source.window)
         total += source.num_kv_heads * source.head_dim * 2 * seen * batch * dtype_bytes
     return total
+
+
+def layer_type(layer: LayerSpec) -> str:
+    """A layer's KV geometry as one name: attention type, window, KV heads x head dim, K=V, KV-shared."""
+    kind = f"sliding {layer.window}" if layer.window is not None else "full"
+    parts = [kind, f"{layer.num_kv_heads}x{layer.head_dim}"]
+    if layer.k_eq_v:
+        parts.append("K=V")
+    if not layer.has_kv:
+        parts.append(f"shared (reads layer {layer.kv_donor})")
+    return " ".join(parts)
+
+
+def breakdown(spec: ModelSpec, tokens: int, batch: int = 1, kv_dtype: str = "bfloat16") -> dict:
+    """KV bytes held after ``tokens`` tokens by ``batch`` sequences in ``kv_dtype``, total and by layer
+    type: ``stored`` (K and V both, as implementations keep them) and ``minimal`` (K=V layers keep
+    their one projection)."""
+    size = DTYPE_BYTES[kv_dtype]
+    types: OrderedDict[str, dict] = OrderedDict()
+    for layer in spec.layers:
+        row = types.setdefault(layer_type(layer), {"layers": 0, "tokens_held": tokens_held(layer, tokens),
+                                                    "stored_bytes": 0.0, "minimal_bytes": 0.0})
+        row["layers"] += 1
+        row["stored_bytes"] += layer_kv_bytes(layer, tokens, batch, size, stored=True)
+        row["minimal_bytes"] += layer_kv_bytes(layer, tokens, batch, size, stored=False)
+    return {"tokens": tokens, "batch": batch, "kv_dtype": kv_dtype,
+            "stored_bytes": sum(r["stored_bytes"] for r in types.values()),
+            "minimal_bytes": sum(r["minimal_bytes"] for r in types.values()),
+            "by_layer_type": dict(types)}
