@@ -462,7 +462,7 @@ def _cmd_memory(args) -> int:
             print(f"  {row['layers']:>3} x {name:<36} holds {row['tokens_held']:>7,} tokens  "
                   f"stored {_gib(row['stored_bytes'])}  minimal {_gib(row['minimal_bytes'])}")
     if args.json:
-        from .report import write_atomic
+        from .atomic import write_atomic
 
         write_atomic(args.json, json.dumps({"model": args.model, "max_context": longest, "results": results},
                                            indent=1) + "\n")

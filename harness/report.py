@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from collections.abc import Sequence
 from xml.etree import ElementTree as ET
 
+from .atomic import write_atomic
 from .gate import ConformanceResult, result_from_json
 
 
@@ -63,17 +63,6 @@ def results_json(results: Sequence[ConformanceResult | dict]) -> dict:
     if len(records) == 1:
         return records[0]
     return {"passed": all(r.get("passed") is True for r in records), "results": records}
-
-
-def write_atomic(path: str | os.PathLike, text: str) -> None:
-    """Write via a temporary file and rename, so a crash never leaves a half-written report."""
-    path = os.fspath(path)
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix=".tmp-")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, path)
 
 
 def write_json(path, results: Sequence[ConformanceResult | dict]) -> None:

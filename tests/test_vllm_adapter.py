@@ -12,7 +12,8 @@ from safetensors.torch import load_file
 import configs
 from harness import model_dir
 from harness.adapters import ReferenceAdapter, resolve
-from harness.adapters.vllm import MIN_HEAD_DIM, VLLMAdapter, _last_error
+from harness.adapters.base import last_error_line
+from harness.adapters.vllm import MIN_HEAD_DIM, VLLMAdapter
 from harness.decode_check import judge_greedy
 from harness.gate import conform
 from harness.synthetic import Batch, make_batch, random_state_dict
@@ -165,14 +166,14 @@ def test_crash_keeps_earlier_results_and_exits_1(tmp_path):
 
 def test_last_error_prefers_the_exception_line():
     log = "INFO starting\nTraceback (most recent call last):\n  File x\nKeyError: 'model.norm.weight'\nINFO shutdown\n"
-    assert _last_error(log) == "KeyError: 'model.norm.weight'"
+    assert last_error_line(log) == "KeyError: 'model.norm.weight'"
     pydantic = ("pydantic_core._pydantic_core.ValidationError: 1 validation error for ModelConfig\n"
                 "  Value error, Model architectures ['X'] are not supported [type=value_error]\n"
                 "    For further information visit https://errors.pydantic.dev\nINFO exit\n")
-    assert _last_error(pydantic) == ("pydantic_core._pydantic_core.ValidationError: 1 validation error for ModelConfig "
+    assert last_error_line(pydantic) == ("pydantic_core._pydantic_core.ValidationError: 1 validation error for ModelConfig "
                                      "Value error, Model architectures ['X'] are not supported [type=value_error] "
                                      "For further information visit https://errors.pydantic.dev")
-    assert _last_error("") == "no output"
+    assert last_error_line("") == "no output"
 
 
 class _Greedy:

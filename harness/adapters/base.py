@@ -12,6 +12,7 @@ from __future__ import annotations
 import importlib
 import inspect
 import os
+import re
 import sys
 from collections.abc import Callable, Mapping
 
@@ -200,6 +201,26 @@ class _Wrapped(Adapter):
         close = getattr(self.inner, "close", None)
         if callable(close):
             close()
+
+
+_EXCEPTION_LINE = re.compile(r"^[\w.]*(Error|Exception|Exit|Interrupt)\b.*")
+
+
+def last_error_line(stderr: str) -> str:
+    """The last exception line of a child's stderr, with the indented detail lines that follow it
+    (pydantic puts the reason there), in one line."""
+    lines = stderr.splitlines()
+    starts = [i for i, line in enumerate(lines) if _EXCEPTION_LINE.match(line.strip())]
+    if not starts:
+        rest = [line.strip() for line in lines if line.strip()]
+        return (rest or ["no output"])[-1][:400]
+    i = starts[-1]
+    detail = [lines[i].strip()]
+    for line in lines[i + 1:i + 4]:
+        if not line.startswith((" ", "\t")) or not line.strip():
+            break
+        detail.append(line.strip())
+    return " ".join(detail)[:400]
 
 
 def check_outputs(name: str, out, batch: Batch) -> dict[str, torch.Tensor]:

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 import signal
 import subprocess
@@ -41,32 +40,12 @@ import torch
 from ..decode_check import DECODE_STEPS
 from ..model_dir import write_model_dir
 from ..synthetic import Batch
-from .base import Adapter, AdapterError
+from .base import Adapter, AdapterError, last_error_line
 
 HEAD_SIZES = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)  # vLLM CPU attention's supported sizes
 MIN_HEAD_DIM = HEAD_SIZES[0]
 MOE_HIDDEN_ALIGNMENT = 32  # vLLM CPU MoE experts: hidden size divisible by 32 (CPUExpertsBase.output_alignment)
 REPO_ROOT = Path(__file__).resolve().parents[2]
-_EXCEPTION_LINE = re.compile(r"^[\w.]*(Error|Exception|Exit|Interrupt)\b.*")
-
-
-def _last_error(stderr: str) -> str:
-    """The last exception line of a child's stderr, with the indented detail lines that follow it
-    (pydantic puts the reason there), in one line."""
-    lines = stderr.splitlines()
-    starts = [i for i, line in enumerate(lines) if _EXCEPTION_LINE.match(line.strip())]
-    if not starts:
-        rest = [line.strip() for line in lines if line.strip()]
-        return (rest or ["no output"])[-1][:400]
-    i = starts[-1]
-    detail = [lines[i].strip()]
-    for line in lines[i + 1:i + 4]:
-        if not line.startswith((" ", "\t")) or not line.strip():
-            break
-        detail.append(line.strip())
-    return " ".join(detail)[:400]
-
-
 class VLLMAdapter(Adapter):
     name = "vllm"
     logits_form = "logprobs"
@@ -144,7 +123,7 @@ class VLLMAdapter(Adapter):
             raise AdapterError(f"vllm: no result after {self.timeout_s:.0f} s (killed)") from None
         if proc.returncode != 0 or not out.exists():
             how = f"exit code {proc.returncode}" if proc.returncode >= 0 else f"killed by signal {-proc.returncode}"
-            raise AdapterError(f"vllm failed ({how}): {_last_error(stderr)}")
+            raise AdapterError(f"vllm failed ({how}): {last_error_line(stderr)}")
         data = torch.load(out, weights_only=True)
         self.environment = {**data["environment"], **{k: round(v, 2) for k, v in data["timings"].items()}}
         return data

@@ -75,14 +75,15 @@ def model_inputs(cell: dict, seed: int):
 
 
 class Peaks:
-    """Samples the process's RSS (and on CUDA the NVML process/device memory) every few ms in a thread."""
+    """Samples the process's RSS (and, given an NVML handle, the GPU's process/device memory) every few
+    ms in a thread."""
 
-    def __init__(self, device: str, interval: float = 0.005):
-        self.device, self.interval = device, interval
+    def __init__(self, nvml=None, interval: float = 0.005):
+        self.interval = interval
         self.rss = self.nvml_process = self.nvml_device = 0
         self._stop = threading.Event()
         self._proc = psutil.Process()
-        self._nvml = _nvml_handle(device)
+        self._nvml = nvml
 
     def _sample(self):
         self.rss = max(self.rss, self._proc.memory_info().rss)
@@ -112,11 +113,10 @@ class Peaks:
 def _nvml_handle(device: str):
     if not device.startswith("cuda"):
         return None
-    try:
-        import pynvml
+    from .context import nvml_handle
 
-        pynvml.nvmlInit()
-        return pynvml, pynvml.nvmlDeviceGetHandleByIndex(torch.device(device).index or 0)
+    try:
+        return nvml_handle(torch.device(device).index or 0)
     except Exception:  # noqa: BLE001 - no NVML: the record says so by leaving the fields out
         return None
 
@@ -218,7 +218,7 @@ def run_cell(cell: dict, settings: dict, seed: int) -> dict:
         torch.cuda.reset_peak_memory_stats(device)
     nvml = _nvml_handle(device)
     energy_start = _energy_mj(nvml)
-    with Peaks(device) as peaks:
+    with Peaks(nvml) as peaks:
         reps, note = timed_runs(adapter, ids, cell["gen"], settings, sync)
     energy_end = _energy_mj(nvml)
     memory = {"rss_start_bytes": rss_start, "rss_after_load_bytes": rss_after_load,
@@ -245,6 +245,7 @@ def run_cell(cell: dict, settings: dict, seed: int) -> dict:
 
 def main(argv: list[str]) -> int:
     from ..adapters.base import Unsupported
+    from ..atomic import write_atomic
     from ..gate import crash_line
     from .context import environment
 
@@ -264,10 +265,7 @@ def main(argv: list[str]) -> int:
         if os.environ.get("GEMMA_HARNESS_DEBUG") == "1":
             raise
         result = {"status": "error", "reason": crash_line(exc), "environment": environment(device)}
-    tmp = result_path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(result, f, default=str)
-    os.replace(tmp, result_path)
+    write_atomic(result_path, json.dumps(result, default=str))
     return 0
 
 

@@ -77,7 +77,8 @@ def cpu_facts() -> dict:
             "threads": torch.get_num_threads(), "blas": _blas(), "machine": platform.machine(), "load_1m": load}
 
 
-def _nvml_handle(index: int):
+def nvml_handle(index: int):
+    """(pynvml, the device's handle), NVML initialised; raises where there is no NVML or no such GPU."""
     import pynvml
 
     pynvml.nvmlInit()
@@ -96,7 +97,7 @@ def gpu_facts(index: int) -> dict:
         facts.update(torch_name=props.name, torch_total_memory=props.total_memory, cuda=torch.version.cuda,
                      capability=f"{props.major}.{props.minor}")
     try:
-        pynvml, h = _nvml_handle(index)
+        pynvml, h = nvml_handle(index)
     except Exception as exc:  # noqa: BLE001 - no NVML: say so in the record, keep what torch knows
         facts["nvml"] = f"unavailable: {type(exc).__name__}: {exc}"
         return facts
@@ -122,7 +123,7 @@ def gpu_facts(index: int) -> dict:
 
 def device_facts(device: str) -> dict:
     if device.startswith("cuda"):
-        return gpu_facts(int(device.split(":")[1]) if ":" in device else 0)
+        return gpu_facts(torch.device(device).index or 0)
     return cpu_facts()
 
 

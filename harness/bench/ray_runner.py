@@ -22,6 +22,7 @@ import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+from ..atomic import write_atomic
 from .suite import Cell, Suite
 
 
@@ -99,4 +100,4 @@ def ray_results(suite: Suite, todo: list[Cell], out: Path, address: str,
     finally:
         for ref in pending:
             ray.cancel(ref, force=True)
-        machine_path.write_text(json.dumps(machines, indent=1))
+        write_atomic(machine_path, json.dumps(machines, indent=1))

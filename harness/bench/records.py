@@ -41,6 +41,8 @@ import os
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
+from ..atomic import write_atomic
+
 SCHEMA = "gemma-harness/bench-record/1"
 RECORDS_FILE = "records.jsonl"
 STATUSES = ("ok", "error", "unsupported")
@@ -66,12 +68,16 @@ def _repair(path: Path) -> None:
         f.truncate(data.rfind(b"\n") + 1)
 
 
+def _line(record: dict) -> str:
+    return json.dumps(record, sort_keys=True, allow_nan=False, default=str) + "\n"
+
+
 def append_record(path: str | os.PathLike, record: dict) -> None:
     """Append one record as one line, in one write, flushed to disk."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     _repair(path)
-    line = (json.dumps(record, sort_keys=True, allow_nan=False, default=str) + "\n").encode()
+    line = _line(record).encode()
     fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
     try:
         os.write(fd, line)
@@ -117,13 +123,11 @@ def drop_errors(path: str | os.PathLike) -> int:
     path = Path(path)
     if not path.exists():
         return 0
-    kept = [r for r in iter_records(path) if r.get("status") != "error"]
-    dropped = sum(1 for _ in iter_records(path)) - len(kept)
-    if dropped:
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text("".join(json.dumps(r, sort_keys=True, allow_nan=False, default=str) + "\n" for r in kept))
-        os.replace(tmp, path)
-    return dropped
+    every = list(iter_records(path))
+    kept = [r for r in every if r.get("status") != "error"]
+    if len(kept) < len(every):
+        write_atomic(path, "".join(_line(r) for r in kept))
+    return len(every) - len(kept)
 
 
 def finished_ids(path: str | os.PathLike) -> set[str]:

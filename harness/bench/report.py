@@ -18,12 +18,11 @@ import html as html_lib
 import io
 import json
 import os
-import tempfile
 from collections.abc import Iterable, Sequence
-from pathlib import Path
 
 import pandas as pd
 
+from ..atomic import write_atomic
 from .records import load, merge
 from .regress import Comparison, compare, fmt, markdown_table
 from .screenshot import RENDER_PROBE
@@ -632,20 +631,6 @@ def load_merged(sources: Source | Iterable[Source]) -> tuple[list[dict], list[st
     """Records of several directories/files joined into one per cell (see :func:`records.merge`), and the
     merge's conflict lines."""
     return merge(load([source]) for source in _as_list(sources))
-
-
-def write_atomic(path: Source, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file in the same directory and os.replace."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def write_report(sources: Source | Iterable[Source], html_path: Source | None = None, md_path: Source | None = None,

@@ -25,6 +25,8 @@ import numpy as np
 import configs
 from reference_impl.spec import ModelSpec
 
+from ..adapters.base import last_error_line
+from ..atomic import write_atomic
 from ..kvcache import DTYPE_BYTES
 from . import cost, records
 from .suite import Cell, Suite, layers_total
@@ -57,12 +59,6 @@ def _child_env() -> dict:
     env.setdefault("CUDA_DEVICE_ORDER", "PCI_BUS_ID")
     env.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     return env
-
-
-def _last_error(stderr: str) -> str:
-    from ..adapters.vllm import _last_error as last
-
-    return last(stderr)
 
 
 def _die_with_parent() -> None:
@@ -98,7 +94,7 @@ def run_child(job: dict, python: str, timeout_s: float) -> dict:
             sig = signal.Signals(-proc.returncode).name
             hint = " (out of memory?)" if sig == "SIGKILL" else ""
             return {"status": "error", "reason": f"the cell's process was killed by {sig}{hint}"}
-        return {"status": "error", "reason": f"the cell's process exited with {proc.returncode}: {_last_error(stderr)}"}
+        return {"status": "error", "reason": f"the cell's process exited with {proc.returncode}: {last_error_line(stderr)}"}
 
 
 def stats(values: list[float]) -> dict:
@@ -212,9 +208,7 @@ def machine_facts(out_dir: Path, device: str, dtypes: tuple[str, ...]) -> dict |
     if result["status"] != "ok":
         return None  # no ceilings (e.g. no CUDA here): roofline columns stay empty
     known[device] = result["machine"]
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(known, indent=1))
-    os.replace(tmp, path)
+    write_atomic(path, json.dumps(known, indent=1))
     return result["machine"]
 
 
