@@ -192,6 +192,8 @@ def run_cell(cell: dict, settings: dict, seed: int) -> dict:
     adapter = make_adapter(cell)
     if not supports(adapter, "bench_generate"):
         raise Unsupported("generate", f"{adapter.name} has no bench_generate() (see harness.adapters.base.Adapter)")
+    if settings.get("threads"):
+        torch.set_num_threads(int(settings["threads"]))
     torch.manual_seed(seed)
     hf_config, state, ids = model_inputs(cell, seed)
     rss_start = psutil.Process().memory_info().rss

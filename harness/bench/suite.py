@@ -12,6 +12,7 @@ A suite file::
       max_seconds: 60    # stop adding repetitions past this much timed work
       timeout_s: 600     # a cell's child process is killed past this
       profile: false     # true: one more generation under torch.profiler, its top operators recorded
+      threads: null      # torch intra-op threads in each cell (null: torch's default); recorded in the context
     sweep:               # a list of blocks; each block is the product of its lists
       - impl: [reference, hf]          # reference | hf | vllm | MODULE:OBJECT
         attn: [eager, sdpa]            # hf only (ignored, and not multiplied, for other impls)
@@ -42,7 +43,7 @@ import yaml
 import configs
 
 DEFAULT_SETTINGS = {"warmup": 1, "min_reps": 3, "max_reps": 10, "target_cv": 0.05, "max_seconds": 60.0,
-                    "timeout_s": 600.0, "profile": False}
+                    "timeout_s": 600.0, "profile": False, "threads": None}
 IMPLS_WITH_ATTN = ("hf",)
 WEIGHTS = ("random", "gguf")
 _AXES = ("impl", "attn", "model", "dtype", "batch", "prompt", "gen", "device")
