@@ -469,6 +469,96 @@ def _cmd_memory(args) -> int:
     return EXIT_OK
 
 
+def _cmd_plan(args) -> int:
+    """`plan`: a planner, not a gate: exit 0 whether the model fits or not; 2 for bad input."""
+    from .planner import PlanError
+
+    try:
+        return _plan_claims(args) if args.claims else _plan_one(args)
+    except PlanError as exc:
+        raise Refused(str(exc)) from None
+
+
+def _plan_one(args) -> int:
+    from . import planner
+    from .atomic import write_atomic
+
+    if not args.model:
+        raise Refused("plan: give --model NAME (a released variant), or --claims")
+    if args.md:
+        raise Refused("--md goes with --claims (the claims table); a model's plan writes --json")
+    _check_model(args.model)
+    _check_outputs(args, "--json")
+    card = planner.gpu(args.device) if args.device else None
+    result = planner.plan(args.model, args.weights or "bf16", args.kv or "bf16", args.context or "4k",
+                          1 if args.batch is None else args.batch, args.ple_offload)
+    rows = [planner.verdict(result, card)] if card else planner.verdicts(result)
+    print("\n".join(planner.describe(result) + ["verdicts (a planner, not a gate: exit 0 either way):"]
+                    + planner.verdict_lines(rows)))
+    if args.json:
+        write_atomic(args.json, json.dumps({**result, "verdicts": rows}, indent=1) + "\n")
+    return EXIT_OK
+
+
+def _plan_claims(args) -> int:
+    from . import planner
+    from .atomic import write_atomic
+
+    given = [flag for flag, value in (("--model", args.model), ("--weights", args.weights), ("--kv", args.kv),
+                                      ("--context", args.context), ("--batch", args.batch),
+                                      ("--device", args.device), ("--ple-offload", args.ple_offload))
+             if value is not None and value is not False]
+    if given:
+        raise Refused(f"--claims judges the claims of harness/data/claims.yaml as written; drop {', '.join(given)}")
+    _check_outputs(args, "--json", "--md")
+    report = planner.check_claims()
+    for row in report["claims"]:
+        print(f"{row['source']}:{row['line']} {row['id']}: {row['verdict']}"
+              + (f" ({row['why']})" if row.get("why") else ""))
+    if args.md:
+        write_atomic(args.md, planner.claims_markdown(report))
+    if args.json:
+        write_atomic(args.json, json.dumps(report, indent=1) + "\n")
+    return EXIT_OK
+
+
+def _context_list(text: str) -> list[int]:
+    """``4k,32k`` / ``4096,32768`` -> [4096, 32768] (k = 1024)."""
+    out = []
+    for part in text.split(","):
+        part = part.strip().lower()
+        try:
+            out.append(int(part[:-1]) * 1024 if part.endswith("k") else int(part))
+        except ValueError:
+            raise Refused(f"--contexts: {part!r} is not a token count (e.g. 4096 or 4k)") from None
+    return out
+
+
+def _cmd_kv_measure(args) -> int:
+    from . import kvmeasure
+
+    models = [m.strip() for m in args.models.split(",")]
+    for model in models:
+        _check_model(model)
+    impls = [i.strip() for i in args.impls.split(",")]
+    unknown = [i for i in impls if i not in kvmeasure.IMPLS]
+    if unknown:
+        raise Refused(f"unknown implementation {unknown[0]!r}; choose from {', '.join(kvmeasure.IMPLS)}")
+    contexts = _context_list(args.contexts)
+    for model in models:
+        longest = configs.hf_config(model).get("max_position_embeddings")
+        if longest and min(contexts) > longest:
+            raise Refused(f"--contexts: {model} takes at most {longest} tokens")
+        for context in (c for c in contexts if longest and c > longest):
+            print(f"{model}: {context} tokens skipped (its maximum is {longest})", file=sys.stderr)
+    records = kvmeasure.run(models, contexts, impls, args.out, args.dtype, resume=args.resume,
+                            progress=(lambda line: None) if args.quiet else print)
+    bad = [r for r in records if r["status"] == "error" or (r["status"] == "ok" and not r["explained"])]
+    print(f"{len(records)} records in {args.out}/records.jsonl, report {args.out}/report.md; "
+          f"{len(bad)} errors or unexplained differences")
+    return EXIT_FAIL if bad else EXIT_OK
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gemma-harness", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -536,6 +626,36 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--json", metavar="PATH", help="write the totals and the breakdown as JSON")
     p.set_defaults(func=_cmd_memory)
+
+    p = sub.add_parser("plan", help="accelerator memory a released model needs (weights, KV, activations, "
+                                    "overhead) and the GPUs it fits; --claims judges the published claims")
+    p.add_argument("--model", help="a released variant (see `gemma-harness configs --released`)")
+    p.add_argument("--weights", help="weights dtype: bf16 (default), fp16, fp8, int8, int4 (+ group scales), fp32")
+    p.add_argument("--kv", help="KV-cache dtype: bf16 (default), fp16, fp8, int8, int4, fp32")
+    p.add_argument("--context", help="tokens per sequence: 4096, 4k, 128K (k = 1024; default 4k)")
+    p.add_argument("--batch", type=int, help="sequences (default 1)")
+    p.add_argument("--device", metavar="GPU", help="one card of harness/data/gpus.yaml, e.g. h100-80gb "
+                                                   "(default: the verdict on every card)")
+    p.add_argument("--ple-offload", action="store_true",
+                   help="keep the per-layer-embedding table in host memory (Gemma 4 E2B/E4B only)")
+    p.add_argument("--claims", action="store_true",
+                   help="judge the published hardware claims (harness/data/claims.yaml) instead of one model")
+    p.add_argument("--json", metavar="PATH", help="write the plan (or, with --claims, the claims report) as JSON")
+    p.add_argument("--md", metavar="PATH", help="with --claims: the regenerated table as Markdown")
+    p.set_defaults(func=_cmd_plan)
+
+    p = sub.add_parser("kv-measure", help="measured KV-cache bytes per implementation vs the analytic figure, "
+                                          "every difference explained")
+    p.add_argument("--models", required=True, help="comma-separated config names (released variants)")
+    p.add_argument("--contexts", default="4k,32k", help="comma-separated token counts (default 4k,32k)")
+    p.add_argument("--impls", default="reference,hf,vllm,vllm-nohybrid,llamacpp,llamacpp-swa",
+                   help="comma-separated: reference, hf, vllm, vllm-nohybrid, llamacpp, llamacpp-swa "
+                        "(llama.cpp: the real gemma-3-270m GGUF only)")
+    p.add_argument("--dtype", default="bfloat16")
+    p.add_argument("--out", required=True, metavar="DIR")
+    p.add_argument("--resume", action="store_true", help="keep DIR's records and measure only what is missing")
+    p.add_argument("-q", "--quiet", action="store_true")
+    p.set_defaults(func=_cmd_kv_measure)
 
     p = sub.add_parser("bench", help="run a benchmark sweep (suites/bench/*.yaml) into JSON Lines records")
     p.add_argument("suite", help="the suite file (YAML)")

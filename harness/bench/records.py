@@ -86,8 +86,10 @@ def append_record(path: str | os.PathLike, record: dict) -> None:
         os.close(fd)
 
 
-def iter_records(path: str | os.PathLike) -> Iterator[dict]:
-    """The complete records of one file; a partial last line is skipped, a malformed line elsewhere is an error."""
+def iter_records(path: str | os.PathLike, schema: str = SCHEMA, key: str = "cell_id") -> Iterator[dict]:
+    """The complete records of one file; a partial last line is skipped, a malformed line elsewhere is an
+    error, and so is a record of another ``schema`` or without its ``key`` (other record kinds, e.g. the KV
+    measurements', use these files too)."""
     path = Path(path)
     lines = path.read_bytes().split(b"\n")
     for number, raw in enumerate(lines, 1):
@@ -99,8 +101,8 @@ def iter_records(path: str | os.PathLike) -> Iterator[dict]:
             if number == len(lines):  # no newline after it: a write cut by a kill
                 return
             raise RecordsError(f"{path}:{number}: not a JSON record ({exc.msg})") from None
-        if not isinstance(record, dict) or record.get("schema") != SCHEMA or "cell_id" not in record:
-            raise RecordsError(f"{path}:{number}: not a benchmark record (schema {SCHEMA!r} expected)")
+        if not isinstance(record, dict) or record.get("schema") != schema or key not in record:
+            raise RecordsError(f"{path}:{number}: not a benchmark record (schema {schema!r} expected)")
         yield record
 
 
@@ -117,13 +119,13 @@ def load(sources: Iterable[str | os.PathLike]) -> list[dict]:
     return out
 
 
-def drop_errors(path: str | os.PathLike) -> int:
+def drop_errors(path: str | os.PathLike, schema: str = SCHEMA, key: str = "cell_id") -> int:
     """Rewrite the file without its error records (atomically: a temporary file replaces it), so that
     their cells run again; how many were dropped."""
     path = Path(path)
     if not path.exists():
         return 0
-    every = list(iter_records(path))
+    every = list(iter_records(path, schema, key))
     kept = [r for r in every if r.get("status") != "error"]
     if len(kept) < len(every):
         write_atomic(path, "".join(_line(r) for r in kept))

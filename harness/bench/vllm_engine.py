@@ -6,7 +6,7 @@ implementations, with no HTTP server in between).
 Greedy, ``ignore_eos``, ``min_tokens = max_tokens = G``; prefix caching off (every repetition
 prefills for real). ``options`` of the cell go to ``vllm.LLM`` (``tensor_parallel_size``,
 ``pipeline_parallel_size``, ``gpu_memory_utilization``, ``enforce_eager``, ...). The KV figure is
-what vLLM's block pool holds for the requests: blocks in use x the bytes of one block across layers.
+what vLLM's block pool holds for the requests: per KV-cache group, its blocks x its page size x its layers.
 """
 
 from __future__ import annotations
@@ -45,6 +45,7 @@ class VLLMBenchAdapter(Adapter):
         except ImportError as exc:
             raise Unsupported("implementation", "vLLM is not installed in this interpreter (tox -e vllm, or set "
                                                 "GEMMA_HARNESS_VLLM_PYTHON)") from exc
+        self._layers = hf_config["num_hidden_layers"]
         self._dir = tempfile.mkdtemp(prefix="gemma-bench-vllm-")
         write_model_dir(self._dir, hf_config, state_dict, dtype)
         gpu = torch.cuda.is_available()
@@ -64,17 +65,16 @@ class VLLMBenchAdapter(Adapter):
         except AttributeError:
             return None
 
-    def _block_bytes(self) -> float | None:
-        """Bytes one block id holds across the KV tensors (all layers, all groups sharing the pool)."""
-        config = getattr(self._scheduler(), "kv_cache_config", None)
-        if config is None or not getattr(config, "num_blocks", 0):
-            return None
-        return sum(t.size for t in config.kv_cache_tensors) / config.num_blocks
+    def _kv_bytes_held(self) -> int | None:
+        """Bytes of K/V the live requests hold: per KV-cache group, its blocks x its page size x its layers
+        (:func:`harness.kvmeasure.vllm_bytes_per_layer`). Counting pool blocks in use x the bytes of a block
+        across every tensor instead would count each block once per group of a hybrid model."""
+        from ..kvmeasure import vllm_blocks_held, vllm_bytes_per_layer
 
-    def _blocks_in_use(self) -> int | None:
+        scheduler = self._scheduler()
         try:
-            pool = self._scheduler().kv_cache_manager.block_pool
-            return pool.num_gpu_blocks - pool.get_num_free_blocks() - 1  # block 0 is vLLM's null block
+            held = vllm_blocks_held(scheduler)
+            return sum(vllm_bytes_per_layer(scheduler.kv_cache_config, held, self._layers))
         except AttributeError:
             return None
 
@@ -94,18 +94,17 @@ class VLLMBenchAdapter(Adapter):
             engine.add_request(rid, TokensPrompt(prompt_token_ids=row), params)
         produced = dict.fromkeys(ids, 0)
         reported = 0
-        blocks = None
+        held = None
         while engine.has_unfinished_requests():
             for out in engine.step():
                 if out.request_id in produced:
                     produced[out.request_id] = len(out.outputs[0].token_ids)
             if min(produced.values()) < asked:
-                blocks = self._blocks_in_use()  # the last step frees the requests' blocks: read before it
+                held = self._kv_bytes_held()  # the last step frees the requests' blocks: read before it
             while reported < min(min(produced.values()), steps):  # every request has its next token
                 reported += 1
                 on_token(torch.tensor([reported]))
-        block = self._block_bytes()
-        self._kv_bytes = int(blocks * block) if blocks is not None and block is not None else None
+        self._kv_bytes = held
 
     def cache_bytes(self) -> int | None:
         return self._kv_bytes
