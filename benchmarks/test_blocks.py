@@ -1,7 +1,7 @@
 """pytest-benchmark benchmarks of the building blocks of Gemma inference, on the shapes of released models.
 
-Not in pytest's default testpaths: run it by name. A full run (35 s on a loaded 2-core machine; pytest-benchmark's
-default --benchmark-max-time=1.0 about doubles that)::
+Not in pytest's default testpaths: run it by name. A full run (35 s on a loaded 2-core machine, plus 30 s for the
+MoE dispatch benchmarks; pytest-benchmark's default --benchmark-max-time=1.0 about doubles that)::
 
     .venv/bin/python -m pytest benchmarks/test_blocks.py --benchmark-json=blocks.json --benchmark-save-data \\
         --benchmark-max-time=0.5 --benchmark-min-rounds=5 --benchmark-columns=min,median,mean,iqr,rounds
@@ -37,6 +37,15 @@ otherwise, recorded in extra_info ``threads``):
   128 (the released layer's 761 M expert parameters, 3 GB in fp32, are too big for a quick benchmark):
   the name says so (``test_moe[16of128-...]``, the ``experts`` param) and so does extra_info
   (``experts``, ``experts_released``). 1 and 8 tokens.
+* ``test_moe_dispatch``: the experts part alone (given one routing) of the same 16-of-128-expert
+  gemma-4-26b-a4b layer under each CPU dispatch strategy of :mod:`harness.bench.moe_cost` (the layer and
+  the routing built by it, seed 0): ``per_expert_loop`` (the reference's ``Experts.forward``),
+  ``grouped_mm`` (torch's grouped matmul over the pairs sorted by expert), ``dense_all`` (every token
+  through every expert, masked), and HF's ``Gemma4TextExperts`` under ``experts_implementation`` eager,
+  grouped_mm and batched_mm (batched_mm at 1 token only: it copies every (token, expert) pair's weights,
+  0.8-1.5 GB a call at 8 tokens). 1 and 8 tokens. Checked against ``experts_float64`` here, not
+  moe_cost's own float64 reference. The whole layer at the released 128 experts and 1-4096 tokens, with
+  the other parts and the roofline: ``python -m harness.bench.moe_cost``.
 * ``test_kv_cache``: one decode step of ``LayerCache.extend`` + ``store`` on gemma-3-1b's layer cache
   (1 KV head, head_dim 256) at 639 cached tokens (a sliding layer holds its 511), sliding and full. The
   timed call also builds the ``LayerCache`` from the pre-filled tensors (a dataclass, ~1 µs), so every
@@ -56,6 +65,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.models.gemma3.modeling_gemma3 import eager_attention_forward
 
 import configs
+from harness.bench import moe_cost
 from reference_impl import ops
 from reference_impl.cache import LayerCache
 from reference_impl.model import MoE, RMSNorm
@@ -289,6 +299,54 @@ def test_moe(benchmark, experts, tokens, dtype):
         expected = moe.mix(mlp_out, y.to(DTYPES[dtype]))
     assert_close(out, expected, dtype)
     assert chosen.shape == (tokens, released.top_k) and int(chosen.max()) < MOE_EXPERTS
+
+
+# --- MoE dispatch strategies ----------------------------------------------------------------------
+
+
+DISPATCH_STRATEGIES = ["per_expert_loop", "grouped_mm", "dense_all", "hf_eager", "hf_grouped_mm", "hf_batched_mm"]
+DISPATCH_CASES = [(s, n) for n in (1, 8) for s in DISPATCH_STRATEGIES if s != "hf_batched_mm" or n == 1]
+
+
+@functools.cache
+def dispatch_layer(dtype: str) -> moe_cost.Layer:
+    """moe_cost's layer of gemma-4-26b-a4b with 16 of its 128 experts, the reference's and HF's modules
+    sharing one set of random weights."""
+    config = moe_cost.model_config(MOE, MOE_EXPERTS)
+    return moe_cost.build_layer(ModelSpec.from_hf_config(config), 0, DTYPES[dtype], "cpu", SEED, config)
+
+
+@functools.cache
+def dispatch_group(dtype: str, tokens: int) -> moe_cost.Group:
+    """The experts' normed input (N, H) and the router's own routing of N random tokens."""
+    with torch.inference_mode():
+        return moe_cost.make_group([dispatch_layer(dtype)], tokens, dtype, "uniform", moe_cost.Options(out=None))
+
+
+@functools.cache
+def dispatch_expected(dtype: str, tokens: int) -> torch.Tensor:
+    """The experts' output in float64 (N, H), once per case: every strategy is checked against it."""
+    layer, group = dispatch_layer(dtype), dispatch_group(dtype, tokens)
+    routing = group.routings[0]
+    with torch.inference_mode():
+        return experts_float64(layer.moe, group.normed[0], routing.weights, routing.experts, layer.spec.activation)
+
+
+@dtypes
+@pytest.mark.parametrize(("strategy", "tokens"), DISPATCH_CASES)
+@pytest.mark.parametrize("experts", [f"{MOE_EXPERTS}of{MOE_RELEASED_EXPERTS}"])
+def test_moe_dispatch(benchmark, experts, strategy, tokens, dtype):
+    layer, group = dispatch_layer(dtype), dispatch_group(dtype, tokens)
+    x, routing = group.normed[0], group.routings[0]
+    fn, kernel = moe_cost.experts_fn(strategy, layer, x, routing, moe_cost.Options(out=None), None, dtype)
+    benchmark.group = f"moe dispatch {MOE} {tokens} tokens {dtype}"
+    info(benchmark, block="moe_dispatch", impl=strategy, kernel=kernel, config=MOE, dtype=dtype, tokens=tokens,
+         hidden=layer.spec.hidden_size, expert_intermediate=layer.moe_spec.intermediate_size,
+         top_k=layer.moe_spec.top_k, experts=MOE_EXPERTS, experts_released=MOE_RELEASED_EXPERTS)
+    with torch.inference_mode():
+        out = benchmark(fn)
+    assert_close(out, dispatch_expected(dtype, tokens), dtype)
+    assert routing.experts.shape == (tokens, layer.moe_spec.top_k) and int(routing.experts.max()) < MOE_EXPERTS
 
 
 # --- KV cache -----------------------------------------------------------------------------------------

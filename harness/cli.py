@@ -657,6 +657,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-q", "--quiet", action="store_true")
     p.set_defaults(func=_cmd_kv_measure)
 
+    sub.add_parser("moe-cost", add_help=False,
+                   help="Gemma 4 26B-A4B MoE layer cost per part and dispatch strategy (see moe-cost --help)")
+
     p = sub.add_parser("bench", help="run a benchmark sweep (suites/bench/*.yaml) into JSON Lines records")
     p.add_argument("suite", help="the suite file (YAML)")
     p.add_argument("--out", required=True, metavar="DIR", help="records go to DIR/records.jsonl")
@@ -700,6 +703,10 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:2] == ["report", "merge"]:
         argv = ["merge", *argv[2:]]
+    if argv[:1] == ["moe-cost"]:  # its own parser (harness.bench.moe_cost), options and help included
+        from .bench import moe_cost
+
+        return moe_cost.main(argv[1:])
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
