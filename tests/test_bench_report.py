@@ -210,10 +210,10 @@ def test_html_is_self_contained(html_text):
     assert not re.search(r"https?://", html_text)
     assert "<link" not in html_text and "@import" not in html_text
     sources = re.findall(r'<img[^>]*\bsrc="([^"]*)"', html_text)
-    assert len(sources) == 4  # throughput vs batch, TTFT/TPOT vs prompt, memory vs context, roofline
+    assert len(sources) == 5  # throughput vs batch, TTFT/TPOT vs prompt, memory vs context, KV vs context, roofline
     assert all(s.startswith("data:image/png;base64,") and len(s) > 2000 for s in sources)
     for title in ("Output throughput vs batch", "TTFT and TPOT vs prompt length", "Peak memory vs context",
-                  "Roofline"):
+                  "KV cache vs context", "Roofline"):
         assert title in html_text
     assert "Regression check" in html_text and "Welch" in html_text
     assert "engine died during warmup" in html_text and "test_rmsnorm[1024]" in html_text
@@ -222,7 +222,7 @@ def test_html_is_self_contained(html_text):
 def test_html_skips_a_plot_that_does_not_vary():
     text = html(make_records(batches=(1,)))
     assert "Skipped: the records do not vary in batch size" in text
-    assert len(re.findall(r'<img[^>]*src="data:image/png', text)) == 3
+    assert len(re.findall(r'<img[^>]*src="data:image/png', text)) == 4
 
 
 # ---------------------------------------------------------------- the regression gate
@@ -375,7 +375,7 @@ def test_html_renders_offline_in_chromium(html_text, tmp_path):
         shot = screenshot(page, tmp_path / "report.png")
     except ChromiumMissing as exc:
         pytest.skip(str(exc))
-    assert shot["images"] == 4 and shot["rendered"] == 4
+    assert shot["images"] == 5 and shot["rendered"] == 5
     assert shot["external_requests"] == []
     png = (tmp_path / "report.png").read_bytes()
     assert png.startswith(b"\x89PNG") and shot["bytes"] > 10_000 and shot["height"] > 1000

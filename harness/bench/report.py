@@ -1,10 +1,11 @@
 """Benchmark reports: tables (pandas), GitHub Markdown, and one self-contained HTML file with plots.
 
 :func:`tables` turns records (see :mod:`harness.bench.records`) into DataFrames: one row per generation
-cell, a status table (error / unsupported cells and their reasons), a kernel table (pytest-benchmark
-building blocks) and an environment table (each distinct context once). :func:`markdown` and :func:`html`
-render them, plus the regression section of :mod:`harness.bench.regress` when a baseline is given;
-:func:`write_report` is the CLI's entry point.
+cell, a memory table (each cell's peak memory and KV cache against the analytic KV size of its model,
+:func:`memory_table`), a status table (error / unsupported cells and their reasons), a kernel table
+(pytest-benchmark building blocks) and an environment table (each distinct context once).
+:func:`markdown` and :func:`html` render them, plus the regression section of :mod:`harness.bench.regress`
+when a baseline is given; :func:`write_report` is the CLI's entry point.
 
 The HTML needs no network: inline CSS, matplotlib PNGs (Agg canvas, no pyplot state) as base64 ``data:``
 URIs, and a small inline script (:data:`harness.bench.screenshot.RENDER_PROBE`) that a headless browser
@@ -14,6 +15,7 @@ check reads back.
 from __future__ import annotations
 
 import base64
+import dataclasses
 import html as html_lib
 import io
 import json
@@ -23,6 +25,7 @@ from collections.abc import Iterable, Sequence
 import pandas as pd
 
 from ..atomic import write_atomic
+from ..kvcache import DTYPE_BYTES
 from .records import load, merge
 from .regress import Comparison, compare, fmt, markdown_table
 from .screenshot import RENDER_PROBE
@@ -200,6 +203,87 @@ def generation_table(records: Iterable[dict], baseline: str | None = None) -> pd
     return frame
 
 
+# ---------------------------------------------------------------- the memory table
+
+KV_MEASURED = "KV measured MiB"
+KV_STORED = "KV analytic stored MiB"
+KV_MINIMAL = "KV analytic minimal MiB"
+KV_RATIO = "KV measured / analytic stored"
+RSS_GROWTH = "RSS gen peak - after load MiB"
+NOT_EXPOSED = "not exposed"
+NOT_EXPOSED_COLUMNS = ("KV after prefill MiB", "KV after last MiB", KV_MEASURED)  # missing = no cache figure
+MEMORY_SOURCES = (("RSS peak MiB", "rss_peak_bytes"), ("RSS after load MiB", "rss_after_load_bytes"),
+                  ("RSS gen peak MiB", "rss_peak_generate_bytes"),
+                  ("torch max allocated MiB", "torch_max_allocated_bytes"),
+                  ("torch max reserved MiB", "torch_max_reserved_bytes"),
+                  ("nvml process MiB", "nvml_process_bytes"), ("nvml device used MiB", "nvml_device_used_bytes"))
+
+
+def kv_dtype(cell: dict) -> str | None:
+    """The dtype the cell's KV cache is held in: the ``kv_cache_dtype`` option when set (vLLM's 'fp8_e4m3'
+    and the like count as 'fp8'), else the cell's dtype; None when :mod:`harness.kvcache` has no size for it."""
+    option = str((cell.get("options") or {}).get("kv_cache_dtype") or "auto")
+    name = cell.get("dtype") if option == "auto" else ("fp8" if option.startswith("fp8") else option)
+    return name if name in DTYPE_BYTES else None
+
+
+def _suite_cell(cell: dict):
+    """The record's cell as the suite's :class:`~harness.bench.suite.Cell` (extra record keys dropped)."""
+    from .suite import Cell
+
+    names = {f.name for f in dataclasses.fields(Cell)}
+    return Cell(**{k: v for k, v in cell.items() if k in names})
+
+
+def analytic_kv(cell: dict) -> dict | None:
+    """:func:`harness.kvcache.breakdown` of the cell's model, built as the runner builds it (its config cut
+    to ``layers``, :func:`harness.bench.runner.model_spec`), at the tokens a cache holds after the last
+    token (prompt + gen - 1: the last token is never fed back), the cell's batch and KV dtype; None when
+    the model or the dtype is unknown here."""
+    from ..kvcache import breakdown
+    from .runner import model_spec
+
+    dtype = kv_dtype(cell)
+    try:
+        spec = model_spec(_suite_cell(cell))
+    except (KeyError, TypeError, ValueError):  # a model this checkout has no config of
+        return None
+    return None if dtype is None else breakdown(spec, cell["prompt"] + cell["gen"] - 1, cell["batch"], dtype)
+
+
+def _rss_growth(memory: dict) -> float | None:
+    peak, loaded = memory.get("rss_peak_generate_bytes"), memory.get("rss_after_load_bytes")
+    return None if peak is None or loaded is None else _mib(peak - loaded)
+
+
+def _kv_columns(record: dict) -> dict:
+    measured = _mib((record.get("kv_cache") or {}).get("after_last_token_bytes"))
+    analytic = analytic_kv(record["cell"]) or {}
+    stored, minimal = _mib(analytic.get("stored_bytes")), _mib(analytic.get("minimal_bytes"))
+    ratio = measured / stored if measured is not None and stored else None
+    return {KV_MEASURED: measured, KV_STORED: stored, KV_MINIMAL: minimal, KV_RATIO: ratio}
+
+
+def _memory_row(record: dict) -> dict:
+    cell, memory = record["cell"], record.get("memory") or {}
+    peak, source = peak_memory(record)
+    row = {**_labels(cell), "context": cell["prompt"] + cell["gen"], "peak MiB": peak, "peak source": source}
+    row.update({name: _mib(memory.get(key)) for name, key in MEMORY_SOURCES})
+    row[RSS_GROWTH] = _rss_growth(memory)
+    return {**row, **_kv_columns(record)}
+
+
+def memory_table(records: Iterable[dict]) -> pd.DataFrame:
+    """One row per ok generation cell (index: cell_id): the peak :func:`peak_memory` picks and every memory
+    source measured, the RSS growth during generation, the KV cache measured after the last token and the
+    analytic one of :func:`analytic_kv` (stored, minimal), and measured / analytic stored."""
+    ok = _ok_generation(records)
+    if not ok:
+        return pd.DataFrame(columns=LABEL_COLUMNS)
+    frame = pd.DataFrame([_memory_row(r) for r in ok], index=[r["cell_id"] for r in ok])
+    return frame.sort_values(["model", "dtype", "device", "batch", "context", "impl"], kind="stable")
+
+
 # ---------------------------------------------------------------- status, kernels, environment
 
 
@@ -280,10 +364,12 @@ def environment_table(records: Iterable[dict]) -> pd.DataFrame:
 
 
 def tables(records: Sequence[dict], baseline: str | None = None) -> dict[str, pd.DataFrame]:
-    """{"generation", "status", "kernels", "environment"}: see the module docstring. ``baseline`` names the
-    implementation speed ratios are taken against (default: hf[eager] if present, else reference)."""
+    """{"generation", "memory", "status", "kernels", "profile", "environment"}: see the module docstring.
+    ``baseline`` names the implementation speed ratios are taken against (default: hf[eager] if present,
+    else reference)."""
     return {
         "generation": generation_table(records, baseline),
+        "memory": memory_table(records),
         "status": status_table(records),
         "kernels": kernel_table(records),
         "profile": profile_table(records),
@@ -321,10 +407,14 @@ def _shown(name: str, frame: pd.DataFrame) -> tuple[pd.DataFrame, list[str]]:
     return (_environment_display(shown) if name == "environment" else shown), omitted
 
 
+def _missing(value) -> bool:
+    return value is None or value == "" or value == "-" or (isinstance(value, float) and pd.isna(value))
+
+
 def _drop_empty_columns(frame: pd.DataFrame) -> tuple[pd.DataFrame, list[str]]:
-    """Columns with no value in any row are left out of the display (and named in a note)."""
-    empty = [c for c in frame.columns if frame[c].map(lambda v: v is None or v == "" or v == "-" or
-                                                       (isinstance(v, float) and pd.isna(v))).all()]
+    """Columns with no value in any row are left out of the display (and named in a note); a KV cache
+    column stays, its empty cells reading 'not exposed'."""
+    empty = [c for c in frame.columns if c not in NOT_EXPOSED_COLUMNS and frame[c].map(_missing).all()]
     return frame.drop(columns=empty), empty
 
 
@@ -333,6 +423,10 @@ def _display_value(value, column: str, integral: bool) -> str:
     missing = value is None or (isinstance(value, float) and pd.isna(value))
     if " x vs " in column:
         return "-" if missing else f"{value:.2f}x"
+    if missing and column in NOT_EXPOSED_COLUMNS:
+        return NOT_EXPOSED
+    if column == KV_RATIO and not missing:
+        return f"{value:.3f}"
     if integral and isinstance(value, float) and not missing:
         return str(int(value))
     return fmt(value)
@@ -353,9 +447,10 @@ def _display(frame: pd.DataFrame) -> pd.DataFrame:
     return shown
 
 
-OPTIONAL_SECTIONS = ("profile",)  # left out when no record has one
+OPTIONAL_SECTIONS = ("memory", "profile")  # left out when no record has one
 SECTION_TITLES = {
     "generation": "Generation cells",
+    "memory": "Memory",
     "status": "Errors and unsupported cells",
     "kernels": "Kernels",
     "profile": "Where the time goes",
@@ -363,8 +458,24 @@ SECTION_TITLES = {
 }
 
 
+MEMORY_NOTES = (
+    "Sizes in MiB. 'peak MiB' is what the memory plot draws (peak source): on CPU the process RSS, its "
+    "lifetime peak (loading and the random weights' creation included); on CUDA torch's max allocated, else "
+    "NVML's figure for the process. Every source the cell measured has its own column.",
+    f"'{RSS_GROWTH}': the RSS peak during the timed generation minus the RSS after loading, the part that "
+    "grows with context (KV cache, activations, allocator slack); on CUDA it is host memory only.",
+    f"'{KV_MEASURED}': the implementation's own figure for its cache after the last token, which holds "
+    "prompt + gen - 1 tokens (vLLM: its blocks per KV-cache group x page size); 'not exposed' when it gives "
+    "none.",
+    "Analytic: harness.kvcache.breakdown of the cell's model, cut as the runner cuts it, at the same "
+    "prompt + gen - 1 tokens, the cell's batch and KV dtype; stored = K and V of every layer with its own cache (sliding "
+    "layers at most their window, KV-shared layers nothing), minimal = K=V layers keep one. "
+    f"'{KV_RATIO}' above 1 means the implementation holds more than the spec needs.",
+)
+
+
 def _section_notes(name: str, frame: pd.DataFrame, omitted: list[str]) -> list[str]:
-    notes = []
+    notes = list(MEMORY_NOTES) if name == "memory" else []
     ratio_columns = [c for c in frame.columns if " x vs " in str(c)]
     if name == "generation":
         notes.append("Latencies in ms; throughputs in tokens/s; 'max CV' is the largest coefficient of variation "
@@ -450,8 +561,36 @@ def _facet_part(key: str, value) -> str:
     return f"{short[key]}={value}" if key in short else str(value)
 
 
-def _line_figure(facets, x: str, ys: list[tuple[str, str]], colors: dict[str, str], xlabel: str):
-    """Small multiples, one panel per (facet, y), one line per implementation; several ys share a row."""
+MARKERS = "os^Dv<>ph"
+
+
+def _impl_lines(axis, group: pd.DataFrame, x: str, y: str, colors: dict[str, str]) -> None:
+    """One line per implementation; hollow markers of a shape and size of their own, so that curves lying
+    on each other stay visible."""
+    for impl, lines in group.groupby("impl", sort=True):
+        points = lines.dropna(subset=[y]).groupby(x)[y].mean().sort_index()
+        index = list(colors).index(impl)
+        if not points.empty:
+            axis.plot(points.index, points.values, marker=MARKERS[index % len(MARKERS)], markerfacecolor="none",
+                      markersize=max(4, 10 - 2 * index), label=impl, color=colors[impl])
+
+
+def _style_axis(axis, title: str, xlabel: str, ylabel: str, xs: pd.Series) -> None:
+    axis.set_title(title, fontsize=9)
+    axis.set_xlabel(xlabel)
+    axis.set_ylabel(ylabel)
+    axis.grid(alpha=0.3)
+    if xs.min() > 0 and xs.max() / xs.min() >= 8:
+        axis.set_xscale("log", base=2)
+    if axis.get_legend_handles_labels()[0]:
+        axis.legend(fontsize=7)
+    else:
+        axis.text(0.5, 0.5, "not measured", transform=axis.transAxes, ha="center", color="#57606a")
+
+
+def _line_figure(facets, x: str, ys: list[tuple[str, str]], colors: dict[str, str], xlabel: str, overlay=None):
+    """Small multiples, one panel per (facet, y), one line per implementation; several ys share a row.
+    A y label may be a function of the facet's rows; ``overlay(axis, rows, x)`` draws more on each panel."""
     from matplotlib.figure import Figure
 
     panels = [(title, group, y, ylabel) for title, group in facets[:MAX_FACETS] for y, ylabel in ys]
@@ -460,21 +599,43 @@ def _line_figure(facets, x: str, ys: list[tuple[str, str]], colors: dict[str, st
     figure = Figure(figsize=(4.6 * columns, 3.2 * rows))
     axes = figure.subplots(rows, columns, squeeze=False).ravel()
     for axis, (title, group, y, ylabel) in zip(axes, panels, strict=False):
-        for impl, lines in group.groupby("impl", sort=True):
-            points = lines.dropna(subset=[y]).groupby(x)[y].mean().sort_index()
-            if not points.empty:
-                axis.plot(points.index, points.values, marker="o", label=impl, color=colors[impl])
-        axis.set_title(title, fontsize=9)
-        axis.set_xlabel(xlabel)
-        axis.set_ylabel(ylabel)
-        axis.grid(alpha=0.3)
-        if group[x].min() > 0 and group[x].max() / group[x].min() >= 8:
-            axis.set_xscale("log", base=2)
-        axis.legend(fontsize=7)
+        _impl_lines(axis, group, x, y, colors)
+        if overlay is not None:
+            overlay(axis, group, x)
+        _style_axis(axis, title, xlabel, ylabel(group) if callable(ylabel) else ylabel, group[x])
     for axis in axes[len(panels):]:
         axis.set_visible(False)
     figure.tight_layout()
     return figure
+
+
+def _analytic_lines(group: pd.DataFrame, x: str) -> list[tuple[pd.Series, str, str]]:
+    """[(analytic MiB by context, line style, label)]: stored, and minimal where it differs from stored."""
+    by_x = group.groupby(x)[[KV_STORED, KV_MINIMAL]].first().astype(float).sort_index()
+    stored, minimal = by_x[KV_STORED].dropna(), by_x[KV_MINIMAL].dropna()
+    lines = [(stored, "--", "analytic KV, stored (K and V)")] if not stored.empty else []
+    if not minimal.empty and not minimal.equals(stored):
+        lines.append((minimal, ":", "analytic KV, minimal (K=V once)"))
+    return lines
+
+
+def _analytic_overlay(axis, group: pd.DataFrame, x: str) -> None:
+    """The analytic KV size over the measured curves; a log y axis when the values span 8x or more."""
+    for series, style, label in _analytic_lines(group, x):
+        axis.plot(series.index, series.values, style, color="black", label=label, zorder=1.5)
+    values = [v for line in axis.get_lines() for v in line.get_ydata()]
+    if values and min(values) > 0 and max(values) / min(values) >= 8:
+        from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
+        axis.set_yscale("log")
+        axis.yaxis.set_major_locator(LogLocator(subs=(1, 2, 5)))
+        axis.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+        axis.yaxis.set_minor_formatter(NullFormatter())
+
+
+def _peak_label(group: pd.DataFrame) -> str:
+    sources = sorted(set(group["peak source"].dropna()) - {"-"})
+    return f"peak MiB ({', '.join(s.replace('rss', 'process RSS') for s in sources) or '-'})"
 
 
 def _roofline_figure(frame: pd.DataFrame):
@@ -500,38 +661,62 @@ def _roofline_figure(frame: pd.DataFrame):
     return figure
 
 
-def plots(frame: pd.DataFrame) -> list[tuple[str, str | None, str]]:
-    """[(title, PNG data URI or None, note)]: a None URI means the plot was skipped, the note says why."""
+SPEED_PLOTS = (
+    ("Output throughput vs batch", ["prompt", "gen"], "batch", "batch size", [("output_throughput", "output tokens/s")]),
+    ("TTFT and TPOT vs prompt length", ["batch", "gen"], "prompt", "prompt tokens",
+     [("ttft_ms mean", "TTFT ms"), ("tpot_ms mean", "TPOT ms")]),
+)
+MEMORY_PLOTS = (
+    ("Peak memory vs context (prompt + gen)", [("peak MiB", _peak_label), (RSS_GROWTH, "RSS gen peak - after load MiB")],
+     "Left: the peak memory of each cell (CPU: process RSS, lifetime peak, loading included; CUDA: torch max "
+     "allocated, else NVML); right: the RSS growth from after loading to the generation's peak, the part that "
+     "scales with context. Black: the analytic KV cache after the last token (prompt + gen - 1 tokens; dashed: stored, K and V; "
+     "dotted, where it differs: minimal, K=V layers keep one); its gap to the right panel's curves is "
+     "activations and allocator slack."),
+    ("KV cache vs context", [(KV_MEASURED, "KV cache after the last token MiB")],
+     "Each implementation's own figure for its cache after the last token (vLLM: blocks per group x page size; "
+     "implementations that expose none are left out) against the analytic KV size (black; see the memory "
+     "table): a curve above the dashed line holds more than the spec needs."),
+)
+BASE_KEYS = ["model", "dtype", "device"]
+
+
+def _line_plot(frame: pd.DataFrame, colors: dict[str, str], title: str, keys: list[str], x: str, xlabel: str,
+               ys: list, note: str = "", overlay=None) -> tuple[str, str | None, str]:
+    facets = _facets(frame, keys, x, [y for y, _ in ys])
+    if not facets:
+        return title, None, f"Skipped: the records do not vary in {xlabel} within any {'/'.join(keys)} group."
+    count = f"{len(facets)} group(s)" + (f"; the first {MAX_FACETS} shown" if len(facets) > MAX_FACETS else "")
+    figure = _line_figure(facets, x, ys, colors, xlabel, overlay)
+    return title, _png_data_uri(figure), f"{note} {count}." if note else count
+
+
+def _memory_plots(memory: pd.DataFrame | None, colors: dict[str, str]) -> list[tuple[str, str | None, str]]:
+    if memory is None or memory.empty:
+        return [(title, None, "Skipped: no memory table.") for title, *_ in MEMORY_PLOTS]
+    return [_line_plot(memory, colors, title, BASE_KEYS + ["batch"], "context", "context tokens (prompt + gen)", ys,
+                       note, _analytic_overlay) for title, ys, note in MEMORY_PLOTS]
+
+
+def _roofline_plot(frame: pd.DataFrame) -> tuple[str, str | None, str]:
+    title = "Roofline: share of the device's peak"
+    if not frame[["decode_bw_pct", "prefill_flop_pct"]].notna().any().any():
+        return title, None, "Skipped: no cell has roofline figures."
+    return (title, _png_data_uri(_roofline_figure(frame)),
+            "decode_bw_pct: bytes moved per decode step / (time x memory bandwidth); prefill_flop_pct: "
+            "prefill FLOPs / (time x matmul peak).")
+
+
+def plots(frame: pd.DataFrame, memory: pd.DataFrame | None = None) -> list[tuple[str, str | None, str]]:
+    """[(title, PNG data URI or None, note)]: a None URI means the plot was skipped, the note says why.
+    ``frame`` is the generation table; ``memory`` the memory table (:func:`memory_table`), whose plots
+    carry the analytic KV size."""
     if frame.empty:
         return [("Plots", None, "No ok generation cells: nothing to plot.")]
-    frame = frame.assign(context=frame["prompt"] + frame["gen"])
     colors = _impl_colors(frame)
-    base_keys = ["model", "dtype", "device"]
-    specs = [
-        ("Output throughput vs batch", base_keys + ["prompt", "gen"], "batch", "batch size",
-         [("output_throughput", "output tokens/s")]),
-        ("TTFT and TPOT vs prompt length", base_keys + ["batch", "gen"], "prompt", "prompt tokens",
-         [("ttft_ms mean", "TTFT ms"), ("tpot_ms mean", "TPOT ms")]),
-        ("Peak memory vs context (prompt + gen)", base_keys + ["batch"], "context", "context tokens",
-         [("peak mem MiB", "peak memory MiB")]),
-    ]
-    out = []
-    for title, keys, x, xlabel, ys in specs:
-        facets = _facets(frame, keys, x, [y for y, _ in ys])
-        if not facets:
-            out.append((title, None, f"Skipped: the records do not vary in {xlabel} within any "
-                                     f"{'/'.join(keys)} group."))
-            continue
-        note = f"{len(facets)} group(s)" + (f"; the first {MAX_FACETS} shown" if len(facets) > MAX_FACETS else "")
-        out.append((title, _png_data_uri(_line_figure(facets, x, ys, colors, xlabel)), note))
-    has_roofline = frame[["decode_bw_pct", "prefill_flop_pct"]].notna().any().any()
-    if has_roofline:
-        out.append(("Roofline: share of the device's peak", _png_data_uri(_roofline_figure(frame)),
-                    "decode_bw_pct: bytes moved per decode step / (time x memory bandwidth); prefill_flop_pct: "
-                    "prefill FLOPs / (time x matmul peak)."))
-    else:
-        out.append(("Roofline: share of the device's peak", None, "Skipped: no cell has roofline figures."))
-    return out
+    out = [_line_plot(frame, colors, title, BASE_KEYS + keys, x, xlabel, ys)
+           for title, keys, x, xlabel, ys in SPEED_PLOTS]
+    return out + _memory_plots(memory, colors) + [_roofline_plot(frame)]
 
 
 # ---------------------------------------------------------------- HTML
@@ -562,25 +747,24 @@ def _html_notes(notes: Iterable[str]) -> str:
 def _html_tables(records: Sequence[dict], plot_after: str = "generation") -> list[str]:
     """The tables, with the plots right after the ``plot_after`` table."""
     parts = []
-    for name, frame in tables(records).items():
+    frames = tables(records)
+    for name, frame in frames.items():
         if frame.empty and name in OPTIONAL_SECTIONS:
             continue
         parts.append(f"<h2>{SECTION_TITLES[name]}</h2>")
         if frame.empty:
             parts.append('<p class="note">None.</p>')
-            parts += _html_plots(frame) if name == plot_after else []
-            continue
-        shown, omitted = _shown(name, frame)
-        parts.append(_html_notes(_section_notes(name, frame, omitted)))
-        parts.append(_html_table(shown))
+        else:
+            shown, omitted = _shown(name, frame)
+            parts += [_html_notes(_section_notes(name, frame, omitted)), _html_table(shown)]
         if name == plot_after:
-            parts += _html_plots(frame)
+            parts += _html_plots(frame, frames["memory"])
     return parts
 
 
-def _html_plots(frame: pd.DataFrame) -> list[str]:
+def _html_plots(frame: pd.DataFrame, memory: pd.DataFrame | None = None) -> list[str]:
     parts = ["<h2>Plots</h2>"]
-    for title, uri, note in plots(frame):
+    for title, uri, note in plots(frame, memory):
         if uri is None:
             parts.append(f"<h3>{html_lib.escape(title)}</h3>{_html_notes([note])}")
         else:
