@@ -15,6 +15,7 @@ result says so.
 
 from __future__ import annotations
 
+import json
 import math
 import re
 from collections import Counter
@@ -51,17 +52,14 @@ def kv_twin(config: dict, layers: int | None = None) -> dict:
 
 
 def cut_for(config: dict, limit: int = 6) -> int | None:
-    """The fewest first layers (at least ``limit``, the usual 5:1 period) that hold every layer type the
-    model has, or None when the whole model is needed (KV sharing: the shared tail must stay)."""
-    spec = ModelSpec.from_hf_config(config)
-    if any(not layer.has_kv for layer in spec.layers):
-        return None
-    wanted = {layer_type(layer) for layer in spec.layers}
-    seen: set[str] = set()
-    for i, layer in enumerate(spec.layers):
-        seen.add(layer_type(layer))
-        if seen == wanted and i + 1 >= limit:
-            return i + 1 if i + 1 < len(spec.layers) else None
+    """The fewest first layers (at least ``limit``, the usual 5:1 period) whose cut holds every layer
+    type the model has (a KV-shared model's cut keeps part of its shared tail, reading the same donors),
+    or None when only the whole model does."""
+    wanted = {layer_type(layer) for layer in ModelSpec.from_hf_config(config).layers}
+    total = config["num_hidden_layers"]
+    for n in range(min(limit, total), total):
+        if {layer_type(layer) for layer in ModelSpec.from_hf_config(configs.cut(config, n)).layers} == wanted:
+            return n
     return None
 
 
@@ -154,6 +152,9 @@ def measure_vllm_here(twin: dict, context: int, dtype: torch.dtype, chunk: int =
 
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "4")
+    # a context at the model's maximum plus the tokens generated after it passes the maximum by a few
+    # positions; the cache's layout does not depend on it
+    os.environ.setdefault("VLLM_ALLOW_LONG_MAX_MODEL_LEN", "1")
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
 
@@ -486,13 +487,18 @@ def run(models: list[str], contexts: list[int], impls: list[str], out_dir, dtype
     import time
     from pathlib import Path
 
+    from .atomic import write_atomic
     from .bench.context import environment
-    from .bench.records import append_record, drop_errors, iter_records, records_path
+    from .bench.records import append_record, iter_records, records_path
 
     path = records_path(out_dir)
-    if resume:
-        drop_errors(path, SCHEMA, "id")  # errors are measured again
-    done = {r["id"] for r in iter_records(path, SCHEMA, "id")} if resume and path.exists() else set()
+    existing = list(iter_records(path, SCHEMA, "id")) if resume and path.exists() else []
+    # resuming: this run's errors are measured again; other runs' records (errors included) stay
+    done = {r["id"] for r in existing if r["status"] != "error"}
+    wanted = {record_id(m, c, i, dtype) for m in models for c in contexts for i in impls}
+    if any(r["status"] == "error" and r["id"] in wanted for r in existing):
+        write_atomic(path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in existing
+                                   if not (r["status"] == "error" and r["id"] in wanted)))
     if not resume and path.exists():
         path.unlink()
     env = environment("cpu")
@@ -515,8 +521,6 @@ def run(models: list[str], contexts: list[int], impls: list[str], out_dir, dtype
                 append_record(path, record)
                 progress(summary(record))
     records = list(iter_records(path, SCHEMA, "id"))
-    from .atomic import write_atomic
-
     write_atomic(Path(out_dir) / "report.md", markdown(records))
     return records
 

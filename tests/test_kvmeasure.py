@@ -44,9 +44,7 @@ def test_the_twin_keeps_every_layers_kv_geometry(name):
 def test_a_cut_holds_every_layer_type_and_scales_back_to_the_full_model(name):
     config = configs.hf_config(name)
     cut = kvmeasure.cut_for(config)
-    if cut is None:  # KV-shared models run whole
-        assert any(not layer.has_kv for layer in _spec(config).layers) or cut is None
-        return
+    assert cut is not None and cut < config["num_hidden_layers"]  # every released model has a shorter cut
     full, part = _spec(config), _spec(configs.cut(config, cut))
     per_layer = kvmeasure.analytic_per_layer(part, 8192, 2)
     assert kvmeasure.scaled_total(per_layer, part, full) == breakdown(full, 8192)["stored_bytes"]
@@ -161,11 +159,20 @@ def test_kv_measure_command_refuses_bad_input_in_one_line(tmp_path):
 
 
 def test_kv_measure_command_writes_records_and_a_report(tmp_path):
+    """--resume measures this run's errors again and keeps other runs' records, errors included."""
+    def failed(model, impl):
+        return {"schema": kvmeasure.SCHEMA, "kind": "kv", "id": kvmeasure.record_id(model, 600, impl, "bfloat16"),
+                "model": model, "context": 600, "impl": impl, "dtype": "bfloat16", "status": "error", "reason": "x"}
+
+    (tmp_path / "records.jsonl").write_text("".join(json.dumps(failed(m, i)) + "\n" for m, i in
+                                                    [("gemma-3-1b", "reference"), ("gemma-2-2b", "hf")]))
     proc = subprocess.run([sys.executable, "-m", "harness.cli", "kv-measure", "--models", "gemma-3-1b",
-                           "--contexts", "600", "--impls", "reference", "--out", str(tmp_path), "-q"],
+                           "--contexts", "600", "--impls", "reference", "--out", str(tmp_path), "-q", "--resume"],
                           cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr
-    record = json.loads((tmp_path / "records.jsonl").read_text())
+    assert proc.returncode == 1, proc.stderr  # the other run's error is still there
+    records = [json.loads(line) for line in (tmp_path / "records.jsonl").read_text().splitlines()]
+    assert [(r["model"], r["status"]) for r in records] == [("gemma-2-2b", "error"), ("gemma-3-1b", "ok")]
+    record = records[1]
     assert record["explained"] and record["cut"] and record["layers"] == 6
     assert "sliding layers keep window-1 tokens" in (tmp_path / "report.md").read_text()
 
