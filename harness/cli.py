@@ -524,13 +524,14 @@ def _plan_claims(args) -> int:
 
 def _context_list(text: str) -> list[int]:
     """``4k,32k`` / ``4096,32768`` -> [4096, 32768] (k = 1024)."""
+    from .planner import PlanError, parse_context
+
     out = []
     for part in text.split(","):
-        part = part.strip().lower()
         try:
-            out.append(int(part[:-1]) * 1024 if part.endswith("k") else int(part))
-        except ValueError:
-            raise Refused(f"--contexts: {part!r} is not a token count (e.g. 4096 or 4k)") from None
+            out.append(parse_context(part))
+        except PlanError:
+            raise Refused(f"--contexts: {part.strip()!r} is not a token count (e.g. 4096 or 4k)") from None
     return out
 
 

@@ -221,7 +221,6 @@ def _vllm_result(config, held: list[int] | None, n_layers: int, hybrid: bool) ->
 
 def _in_child(python: str, job: dict, timeout_s: float) -> dict:
     """Run ``job`` through :func:`_main` in a child process of ``python``; its result, or its one-line error."""
-    import json
     import subprocess
     import tempfile
     from pathlib import Path
@@ -298,7 +297,6 @@ def _llamacpp_here(context: int, ubatch: int, swa_full: bool) -> dict:
 
 
 def _main(job_path: str, out_path: str) -> None:
-    import json
 
     job = json.loads(open(job_path).read())
     if job["impl"] == "llamacpp":
@@ -399,9 +397,12 @@ def explain(impl: str, spec: ModelSpec, tokens: int, dtype_bytes: float, block: 
     this model is left out)."""
     state = [(tokens_held(layer, tokens), 1 if layer.k_eq_v else 2) for layer in spec.layers]
 
+    def per_layer(rows):  # (tokens held, values per token) per layer -> bytes per layer
+        return [h * v * layer.num_kv_heads * layer.head_dim * dtype_bytes
+                for (h, v), layer in zip(rows, spec.layers, strict=True)]
+
     def total(rows):
-        return sum(h * v * layer.num_kv_heads * layer.head_dim * dtype_bytes
-                   for (h, v), layer in zip(rows, spec.layers, strict=True))
+        return sum(per_layer(rows))
 
     blocks = block if isinstance(block, list) else [block] * len(spec.layers)
     steps = []
@@ -413,9 +414,7 @@ def explain(impl: str, spec: ModelSpec, tokens: int, dtype_bytes: float, block: 
         if delta:
             steps.append({"why": line, "bytes": delta})
         state = new
-    per_layer = [h * v * layer.num_kv_heads * layer.head_dim * dtype_bytes
-                 for (h, v), layer in zip(state, spec.layers, strict=True)]
-    return {"per_layer": per_layer, "steps": steps}
+    return {"per_layer": per_layer(state), "steps": steps}
 
 
 # --- a measurement run: records, resume, the comparison ------------------------------------------------
@@ -489,16 +488,13 @@ def run(models: list[str], contexts: list[int], impls: list[str], out_dir, dtype
 
     from .atomic import write_atomic
     from .bench.context import environment
-    from .bench.records import append_record, iter_records, records_path
+    from .bench.records import append_record, drop_errors, iter_records, records_path
 
     path = records_path(out_dir)
-    existing = list(iter_records(path, SCHEMA, "id")) if resume and path.exists() else []
-    # resuming: this run's errors are measured again; other runs' records (errors included) stay
-    done = {r["id"] for r in existing if r["status"] != "error"}
-    wanted = {record_id(m, c, i, dtype) for m in models for c in contexts for i in impls}
-    if any(r["status"] == "error" and r["id"] in wanted for r in existing):
-        write_atomic(path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in existing
-                                   if not (r["status"] == "error" and r["id"] in wanted)))
+    if resume:  # this run's errors are measured again; other runs' records (errors included) stay
+        wanted = {record_id(m, c, i, dtype) for m in models for c in contexts for i in impls}
+        drop_errors(path, SCHEMA, "id", ids=wanted)
+    done = {r["id"] for r in iter_records(path, SCHEMA, "id")} if resume and path.exists() else set()
     if not resume and path.exists():
         path.unlink()
     env = environment("cpu")

@@ -21,7 +21,6 @@ from __future__ import annotations
 import functools
 import math
 import re
-import subprocess
 from dataclasses import asdict, dataclass, fields, replace
 from importlib import resources
 from pathlib import Path
@@ -402,23 +401,13 @@ def check_claim(claim: dict, gpus: dict[str, dict] | None = None, a: Assumptions
     return out
 
 
-def _git_commit() -> str:
-    root = Path(__file__).resolve().parent.parent
-    try:
-        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
-                              timeout=10).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=root, capture_output=True, text=True,
-                               timeout=10).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return "unknown (no git)"
-    return (head or "unknown") + (" (with uncommitted changes)" if dirty else "")
-
-
 def environment() -> dict:
     """What produced a claims report: harness version (package + source hash) and git commit."""
     from . import __version__, version_string
+    from .bench.context import git_revision
 
-    return {"harness_version": __version__, "harness": version_string(), "git_commit": _git_commit()}
+    return {"harness_version": __version__, "harness": version_string(),
+            "git_commit": git_revision() or "unknown (no git)"}
 
 
 def check_claims(claims: tuple[dict, ...] | list[dict] | None = None, gpus: dict[str, dict] | None = None,

@@ -119,14 +119,16 @@ def load(sources: Iterable[str | os.PathLike]) -> list[dict]:
     return out
 
 
-def drop_errors(path: str | os.PathLike, schema: str = SCHEMA, key: str = "cell_id") -> int:
+def drop_errors(path: str | os.PathLike, schema: str = SCHEMA, key: str = "cell_id",
+                ids: set[str] | None = None) -> int:
     """Rewrite the file without its error records (atomically: a temporary file replaces it), so that
-    their cells run again; how many were dropped."""
+    their cells run again; with ``ids``, only the errors whose ``key`` is among them. How many were
+    dropped."""
     path = Path(path)
     if not path.exists():
         return 0
     every = list(iter_records(path, schema, key))
-    kept = [r for r in every if r.get("status") != "error"]
+    kept = [r for r in every if r.get("status") != "error" or (ids is not None and r[key] not in ids)]
     if len(kept) < len(every):
         write_atomic(path, "".join(_line(r) for r in kept))
     return len(every) - len(kept)
