@@ -658,6 +658,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-q", "--quiet", action="store_true")
     p.set_defaults(func=_cmd_kv_measure)
 
+    sub.add_parser("eval", add_help=False, help="lm-eval scores through implementations, --compare A B, --table "
+                                                "(see eval --help)")
+    sub.add_parser("lm-eval", add_help=False, help="lm-eval's own command line with the gemma-harness model and the "
+                                                   "local tasks")
     sub.add_parser("moe-cost", add_help=False,
                    help="Gemma 4 26B-A4B MoE layer cost per part and dispatch strategy (see moe-cost --help)")
 
@@ -698,6 +702,27 @@ def _crash_line(exc: BaseException) -> str:
     return crash_line(exc)
 
 
+def _lmeval(argv: list[str]) -> int:
+    """``eval`` and ``lm-eval``, with the same one-line endings as every other command."""
+    try:
+        from .lmeval import cli as lmeval_cli
+    except ImportError as exc:
+        print(f"error: lm-eval is not installed ({exc}): pip install -e '.[eval]'", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        if argv[0] == "lm-eval":
+            return lmeval_cli.lm_eval_main(argv[1:])
+        return lmeval_cli.main(argv[1:])
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except Exception as exc:  # noqa: BLE001 - a bug of the harness: one line, not a traceback
+        if os.environ.get("GEMMA_HARNESS_DEBUG") == "1":
+            raise
+        print(f"error: internal error: {_crash_line(exc)}", file=sys.stderr)
+        return EXIT_INTERNAL
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run one command. Every ending is an exit code (see the module docstring) with at most one line on
     stderr, never a traceback, unless GEMMA_HARNESS_DEBUG=1 asks for one."""
@@ -708,6 +733,8 @@ def main(argv: list[str] | None = None) -> int:
         from .bench import moe_cost
 
         return moe_cost.main(argv[1:])
+    if argv[:1] in (["eval"], ["lm-eval"]):  # lm-eval scores: their own parser (harness.lmeval.cli)
+        return _lmeval(argv)
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)

@@ -36,6 +36,7 @@ by a kill is repaired (the partial line dropped) before the next append, so no h
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from collections.abc import Iterable, Iterator
@@ -50,6 +51,12 @@ STATUSES = ("ok", "error", "unsupported")
 
 class RecordsError(ValueError):
     """A records file or directory that cannot be read as benchmark records."""
+
+
+def stable_id(prefix: str, value) -> str:
+    """``prefix`` + 12 hex digits of sha256 over ``value`` as canonical JSON: a cell's id from its parameters."""
+    canonical = json.dumps(value, sort_keys=True, separators=(",", ":"), default=str)
+    return prefix + hashlib.sha256(canonical.encode()).hexdigest()[:12]
 
 
 def records_path(out_dir: str | os.PathLike) -> Path:

@@ -294,9 +294,13 @@ def status_table(records: Iterable[dict]) -> pd.DataFrame:
         if record.get("status", "ok") == "ok":
             continue
         cell = record.get("cell") or {}
-        labels = _labels(cell) if kind(record) == "generation" else {"impl": "kernel", "model": cell.get("name"),
-                                                                   "dtype": cell.get("dtype"),
-                                                                   "device": cell.get("device")}
+        if kind(record) == "generation":
+            labels = _labels(cell)
+        elif kind(record) == "eval":
+            labels = {**cell, "prompt": cell.get("task")}
+        else:
+            labels = {"impl": "kernel", "model": cell.get("name"), "dtype": cell.get("dtype"),
+                      "device": cell.get("device")}
         rows.append({**{c: labels.get(c) for c in LABEL_COLUMNS}, "status": record.get("status"),
                      "reason": record.get("reason") or "-"})
     return pd.DataFrame(rows, columns=LABEL_COLUMNS + ["status", "reason"])
@@ -352,7 +356,8 @@ def environment_table(records: Iterable[dict]) -> pd.DataFrame:
         key = json.dumps(flat, sort_keys=True, default=str)
         entry = contexts.setdefault(key, {"context": flat, "cells": 0, "impls": []})
         entry["cells"] += 1
-        impl = impl_label(record.get("cell") or {}) if kind(record) == "generation" else "kernel"
+        impl = {"generation": impl_label(record.get("cell") or {}), "eval": (record.get("cell") or {}).get("impl")}.get(
+            kind(record), "kernel")
         if impl not in entry["impls"]:
             entry["impls"].append(impl)
     rows = [{"cells": e["cells"], "impls": ", ".join(e["impls"]), **e["context"]} for e in contexts.values()]
@@ -363,12 +368,42 @@ def environment_table(records: Iterable[dict]) -> pd.DataFrame:
     return frame[["cells", "impls"] + fields]
 
 
+def _percent(entry: dict | None) -> tuple[float | None, float | None]:
+    if not entry or entry.get("value") is None:
+        return None, None
+    stderr = entry.get("stderr")
+    return entry["value"] * 100, None if stderr is None else stderr * 100
+
+
+def accuracy_table(records: Iterable[dict]) -> pd.DataFrame:
+    """One row per ok eval cell (``gemma-harness eval``): its scores in percent with lm-eval's stderr,
+    the documents scored, and what the score depends on (shots, limit, split, batch, BOS, first ids)."""
+    rows = []
+    for record in records:
+        if kind(record) != "eval" or record.get("status") != "ok":
+            continue
+        cell, info = record["cell"], record.get("eval") or {}
+        row = {"impl": cell["impl"], "model": cell["model"], "weights": cell.get("weights"), "dtype": cell["dtype"],
+               "task": cell["task"], "shots": cell["num_fewshot"], "limit": cell.get("limit"),
+               "split": cell.get("split"), "n": record.get("n")}
+        for metric, entry in sorted((record.get("metrics") or {}).items()):
+            if "," in metric:
+                continue
+            row[f"{metric} %"], row[f"{metric} ± %"] = _percent(entry)
+        row.update({"batch": cell["batch"], "chat": cell.get("chat_template"), "seconds": record.get("duration_s"),
+                    "first ids": " ".join(map(str, info.get("first_ids") or [])),
+                    "lm-eval": info.get("lm_eval"), "task hash": info.get("task_hash")})
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
 def tables(records: Sequence[dict], baseline: str | None = None) -> dict[str, pd.DataFrame]:
     """{"generation", "memory", "status", "kernels", "profile", "environment"}: see the module docstring.
     ``baseline`` names the implementation speed ratios are taken against (default: hf[eager] if present,
     else reference)."""
     return {
         "generation": generation_table(records, baseline),
+        "accuracy": accuracy_table(records),
         "memory": memory_table(records),
         "status": status_table(records),
         "kernels": kernel_table(records),
@@ -447,9 +482,10 @@ def _display(frame: pd.DataFrame) -> pd.DataFrame:
     return shown
 
 
-OPTIONAL_SECTIONS = ("memory", "profile")  # left out when no record has one
+OPTIONAL_SECTIONS = ("accuracy", "memory", "profile")  # left out when no record has one
 SECTION_TITLES = {
     "generation": "Generation cells",
+    "accuracy": "Accuracy (lm-eval)",
     "memory": "Memory",
     "status": "Errors and unsupported cells",
     "kernels": "Kernels",
@@ -492,8 +528,10 @@ def _summary(records: Sequence[dict]) -> str:
     generation = [r for r in records if kind(r) == "generation"]
     count = {s: sum(r.get("status", "ok") == s for r in generation) for s in ("ok", "error", "unsupported")}
     kernels = sum(kind(r) == "kernel" for r in records)
+    evals = [r for r in records if kind(r) == "eval"]
+    tail = (f"; {len(evals)} eval cell(s), {sum(r.get('status') == 'ok' for r in evals)} ok" if evals else "")
     return (f"{len(generation)} generation cell(s): {count['ok']} ok, {count['error']} error, "
-            f"{count['unsupported']} unsupported; {kernels} kernel record(s).")
+            f"{count['unsupported']} unsupported; {kernels} kernel record(s){tail}.")
 
 
 # ---------------------------------------------------------------- Markdown
@@ -719,6 +757,38 @@ def plots(frame: pd.DataFrame, memory: pd.DataFrame | None = None) -> list[tuple
     return out + _memory_plots(memory, colors) + [_roofline_plot(frame)]
 
 
+def accuracy_plot(frame: pd.DataFrame) -> tuple[str, str, str]:
+    """Accuracy per task, one bar per implementation, lm-eval's stderr as the error bar."""
+    from matplotlib.figure import Figure
+
+    metric = "acc %" if "acc %" in frame.columns else next(c for c in frame.columns if c.endswith(" %"))
+    keys = frame.apply(lambda r: f"{r['task']} ({r['model']}, {r['shots']}-shot"
+                       + (f", first {r['limit']}" if pd.notna(r["limit"]) and r["limit"] else "") + ")", axis=1)
+    groups = list(dict.fromkeys(keys))
+    impls = list(dict.fromkeys(frame["impl"]))
+    figure = Figure(figsize=(max(6.0, 1.6 * len(groups) * max(1, len(impls)) / 2), 4.0), dpi=100)
+    axis = figure.add_subplot()
+    width = 0.8 / max(1, len(impls))
+    for k, impl in enumerate(impls):
+        xs, ys, errs = [], [], []
+        for g, group in enumerate(groups):
+            rows = frame[(keys == group) & (frame["impl"] == impl)]
+            if rows.empty or pd.isna(rows.iloc[0][metric]):
+                continue
+            xs.append(g + (k - (len(impls) - 1) / 2) * width)
+            ys.append(rows.iloc[0][metric])
+            errs.append(rows.iloc[0].get(metric.replace(" %", " ± %")) or 0.0)
+        axis.bar(xs, ys, width, yerr=errs, capsize=3, label=impl)
+    axis.set_xticks(range(len(groups)), groups, rotation=15, ha="right", fontsize=8)
+    axis.set_ylabel(metric)
+    axis.legend(fontsize=8)
+    axis.grid(axis="y", alpha=0.3)
+    figure.tight_layout()
+    return (f"Accuracy by task ({metric.removesuffix(' %')})", _png_data_uri(figure),
+            "Bars: lm-eval's score per implementation; error bars: its standard error. Whether two "
+            "implementations differ is a paired question: gemma-harness eval --compare A B.")
+
+
 # ---------------------------------------------------------------- HTML
 
 CSS = """
@@ -759,6 +829,10 @@ def _html_tables(records: Sequence[dict], plot_after: str = "generation") -> lis
             parts += [_html_notes(_section_notes(name, frame, omitted)), _html_table(shown)]
         if name == plot_after:
             parts += _html_plots(frame, frames["memory"])
+        if name == "accuracy" and not frame.empty:
+            title, uri, note = accuracy_plot(frame)
+            parts.append(f'<figure><h3>{html_lib.escape(title)}</h3><img alt="{html_lib.escape(title)}" '
+                         f'src="{uri}">{_html_notes([note])}</figure>')
     return parts
 
 

@@ -1,0 +1,1 @@
+"""lm-eval scores through every implementation the harness drives."""
