@@ -254,6 +254,27 @@ def test_simple_evaluate_by_registered_name_and_builtin_models_still_resolve(tmp
 
 
 @needs_data
+def test_the_lm_eval_command_line_knows_gemma_harness(tmp_path):
+    """``lm_eval --model gemma-harness`` in a fresh interpreter (the .pth hook registers it)."""
+    import subprocess
+    import sys
+    import sysconfig
+    from pathlib import Path
+
+    import gemma_harness_lm_eval
+
+    if not (Path(sysconfig.get_paths()["purelib"]) / gemma_harness_lm_eval.PTH_NAME).exists():
+        pytest.skip("the lm-eval hook is not installed here: gemma-harness eval --register-lm-eval")
+    task_dir = tasks.write_task_dir(tmp_path / "tasks", tasks.resolve(["arc_challenge"]))
+    done = subprocess.run([sys.executable, "-m", "lm_eval", "--model", "gemma-harness", "--model_args",
+                           f"impl=reference,model={TINY}", "--tasks", "arc_challenge", "--limit", "2",
+                           "--include_path", str(task_dir), "--output_path", str(tmp_path / "out")],
+                          capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "|arc_challenge|" in done.stdout and "gemma-harness" in done.stdout
+
+
+@needs_data
 def test_eval_cli_records_resume_and_compare(tmp_path, capsys):
     from harness.cli import main
 

@@ -58,6 +58,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--json", metavar="PATH", help="--compare/--table: write JSON here")
     p.add_argument("--task-dir", metavar="DIR", help="write the local task YAMLs to DIR and exit")
     p.add_argument("--list-tasks", action="store_true")
+    p.add_argument("--register-lm-eval", action="store_true",
+                   help="make `lm_eval --model gemma-harness` work in this environment (writes a .pth hook)")
     p.add_argument("-q", "--quiet", action="store_true")
     return p
 
@@ -166,6 +168,11 @@ def main(argv: list[str] | None = None) -> int:
 
     args = parser().parse_args(argv)
     try:
+        if args.register_lm_eval:
+            import gemma_harness_lm_eval
+
+            print(f"lm_eval --model {gemma_harness_lm_eval.NAME} is known from now on ({gemma_harness_lm_eval.install()})")
+            return EXIT_OK
         if args.list_tasks:
             for task in TASKS.values():
                 print(f"{task.name}\t{task.split}\t(published on {task.published_split})\t{task.data}")
