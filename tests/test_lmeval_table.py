@@ -15,6 +15,12 @@ import configs
 from harness.lmeval import table as T
 
 SEEDS = Path(__file__).resolve().parents[1].parent / "shared" / "seeds"
+SOURCES = Path(__file__).resolve().parents[1] / "harness" / "data" / "sources"  # sources kept in the repo
+
+
+def _source_file(name: str) -> Path:
+    """A row's source: a transcription kept in the repo, else a seed document."""
+    return SOURCES / name if (SOURCES / name).exists() else SEEDS / name
 
 TASKS = {
     "arc_easy": {"title": "ARC-Easy", "metric": "acc", "published_split": "test", "local_split": "validation",
@@ -101,7 +107,7 @@ def test_packaged_rows_quote_their_seed_lines():
     if not SEEDS.is_dir():
         pytest.skip(f"seed documents not present at {SEEDS} (CI clones may lack shared/seeds): quotes not checked")
     for row in T.load_spec().rows():
-        lines = (SEEDS / row.file).read_text(encoding="utf-8").splitlines()
+        lines = _source_file(row.file).read_text(encoding="utf-8").splitlines()
         assert 1 <= row.line <= len(lines), f"{row.where}: {row.source} past the end of the file"
         line = lines[row.line - 1]
         assert row.quote in line, f"{row.where}: quote not on {row.source}"
@@ -113,7 +119,7 @@ def test_packaged_table_sources_are_seed_lines():
         pytest.skip(f"seed documents not present at {SEEDS}: table sources not checked")
     for table in T.load_spec().tables:
         file, _, span = table.source.partition(":")
-        lines = (SEEDS / file).read_text(encoding="utf-8").splitlines()
+        lines = _source_file(file).read_text(encoding="utf-8").splitlines()
         for row in table.rows:
             assert row.file == file, f"{row.where}: row from another seed than its table"
         if span:
