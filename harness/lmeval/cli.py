@@ -47,7 +47,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="keep DIR's finished cells, run the rest")
     p.add_argument("--compare", nargs=2, metavar=("A", "B"),
                    help="pair B's per-document results with A's on every task both ran (in --out): exit 1 if B "
-                        "is significantly worse on any")
+                        "is significantly worse on any (B may list several, comma-separated)")
     p.add_argument("--metric", default="acc", help="--compare: the per-document metric (default acc)")
     p.add_argument("--alpha", type=float, default=0.05)
     p.add_argument("--power", type=float, default=0.8)
@@ -113,7 +113,9 @@ def _compare(args) -> int:
 
     if not args.out:
         raise Usage("--compare needs --out DIR (the records of both implementations)")
-    comparisons = compare_runs(args.out, *args.compare, args.metric, args.alpha, args.power, args.tasks)
+    base, candidates = args.compare[0], _list(args.compare[1])
+    comparisons = [c for b in candidates
+                   for c in compare_runs(args.out, base, b, args.metric, args.alpha, args.power, args.tasks)]
     lines = [c.line() for c in comparisons]
     print("\n".join(lines))
     _write(args.md, "\n".join(f"- {line}" for line in lines) + "\n")
