@@ -662,6 +662,8 @@ def build_parser() -> argparse.ArgumentParser:
                                                 "(see eval --help)")
     sub.add_parser("lm-eval", add_help=False, help="lm-eval's own command line with the gemma-harness model and the "
                                                    "local tasks")
+    sub.add_parser("logprobs", add_help=False, help="real 270M next-token distributions per implementation vs the "
+                                                    "reference: KL, top-k, log-prob error (see logprobs --help)")
     sub.add_parser("moe-cost", add_help=False,
                    help="Gemma 4 26B-A4B MoE layer cost per part and dispatch strategy (see moe-cost --help)")
 
@@ -712,6 +714,10 @@ def _lmeval(argv: list[str]) -> int:
     try:
         if argv[0] == "lm-eval":
             return lmeval_cli.lm_eval_main(argv[1:])
+        if argv[0] == "logprobs":
+            from .lmeval import logit_conformance
+
+            return logit_conformance.main(argv[1:])
         return lmeval_cli.main(argv[1:])
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
@@ -733,7 +739,7 @@ def main(argv: list[str] | None = None) -> int:
         from .bench import moe_cost
 
         return moe_cost.main(argv[1:])
-    if argv[:1] in (["eval"], ["lm-eval"]):  # lm-eval scores: their own parser (harness.lmeval.cli)
+    if argv[:1] in (["eval"], ["lm-eval"], ["logprobs"]):  # lm-eval scores: their own parsers (harness.lmeval)
         return _lmeval(argv)
     args = build_parser().parse_args(argv)
     try:

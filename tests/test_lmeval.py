@@ -328,3 +328,29 @@ def test_eval_cli_usage_errors_are_one_line_exit_2(capsys):
     assert err.startswith("error: unknown task(s) no_such_task") and "\n" not in err
     assert main(["eval", "--model", "no-such-model", "--tasks", "arc_easy", "--out", "/tmp/x"]) == 2
     assert "no-such-model" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------ checkpoints on disk (the larger models' rows)
+
+
+def test_a_checkpoint_under_the_weights_root_is_loaded_with_its_tokenizer(tiny, tmp_path, monkeypatch):
+    """What `--table --run` does on a machine with weights: <root>/<name>/ is that model (here a tiny one
+    written as an HF checkpoint; a multimodal checkpoint's language model is renamed to a causal LM's)."""
+    from harness.lmeval.scorers import models_with_weights
+    from harness.model_dir import write_model_dir
+
+    write_model_dir(tmp_path / "gemma-3-1b", tiny.hf_config, tiny.state)
+    multimodal = tmp_path / "gemma-3-4b-it"
+    write_model_dir(multimodal, tiny.hf_config, {k.replace("model.", "model.language_model.", 1): v
+                                                 for k, v in tiny.state.items()})
+    config = json.loads((multimodal / "config.json").read_text())
+    (multimodal / "config.json").write_text(json.dumps({"model_type": "gemma3", "text_config": config}))
+    monkeypatch.setenv("GEMMA_HARNESS_WEIGHTS", str(tmp_path))
+    assert models_with_weights() == {"gemma-3-270m", "gemma-3-1b", "gemma-3-4b-it"}
+    rows = [[2, *range(20, 50)]]
+    expected = build_scorer("reference", tiny).score(rows, [3])
+    for name in ("gemma-3-1b", "gemma-3-4b-it"):
+        loaded = load_model(name)
+        assert loaded.weights == f"checkpoint:{name}" and loaded.tokens.bos_id == 2
+        assert build_scorer("reference", loaded).score(rows, [3]) == expected
+        assert loaded.tokens.decode(loaded.tokens.encode("<t40> <t41>")) == "<t40> <t41>"

@@ -41,6 +41,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--num-fewshot", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--device", default="cpu", help="cpu or cuda[:N] (the reference and HF run there)")
     p.add_argument("--apply-chat-template", action="store_true",
                    help="render requests in the model's chat format (harness-rendered, BOS once)")
     p.add_argument("--out", metavar="DIR", help="records (DIR/records.jsonl) and per-document samples")
@@ -126,22 +127,22 @@ def _compare(args) -> int:
 def _table(args) -> int:
     from . import table, tasks
     from .run import run
-    from .scorers import REAL_MODELS
+    from .scorers import models_with_weights
 
     spec = table.load_spec(args.table or None)
     if not args.out:
         raise Usage("--table needs --out DIR (where the measured records are, or go with --run)")
     have_data = set(tasks.TASKS)
     if args.run:
-        rows = table.runnable(spec, set(REAL_MODELS), have_data)
+        rows = table.runnable(spec, models_with_weights(), have_data)
         plan: dict[tuple[str, int | None], list[str]] = {}
         for row in rows:
             plan.setdefault((row.model, row.shots), []).append(row.task)
         for (model, shots), names in plan.items():
             run(args.impl, model, sorted(set(names)), args.out, limit=args.limit, num_fewshot=shots or 0,
-                batch=args.batch_size, dtype=args.dtype, resume=True, quiet=args.quiet)
+                batch=args.batch_size, dtype=args.dtype, resume=True, quiet=args.quiet, device=args.device)
     records = _eval_records(args.out) if Path(args.out, "records.jsonl").exists() else []
-    markdown, data = table.render(spec, records, models_with_weights=set(REAL_MODELS), tasks_with_data=have_data)
+    markdown, data = table.render(spec, records, models_with_weights=models_with_weights(), tasks_with_data=have_data)
     _write(args.md, markdown)
     _write(args.json, json.dumps(data, indent=1) + "\n")
     if not args.md:
@@ -156,7 +157,7 @@ def _evaluate(args) -> int:
         raise Usage("give --tasks and --out (or --compare, --table, --task-dir, --list-tasks)")
     records = run(args.impl, args.model, args.tasks, args.out, limit=args.limit, num_fewshot=args.num_fewshot,
                   batch=args.batch_size, dtype=args.dtype, chat_template=args.apply_chat_template,
-                  resume=args.resume, quiet=args.quiet)
+                  resume=args.resume, quiet=args.quiet, device=args.device)
     failed = [r for r in records if r["status"] != "ok"]
     if not args.quiet:
         print(f"{len(records)} cell(s), {len(failed)} failed; records in {Path(args.out) / 'records.jsonl'}")

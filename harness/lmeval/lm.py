@@ -7,7 +7,8 @@ harness drives.
 or, in Python, ``lm_eval.simple_evaluate(model="gemma-harness", model_args="impl=hf,model=gemma-3-270m")``
 after ``import harness.lmeval.lm``. ``model_args``: ``impl`` (reference, hf, hf-sdpa, vllm, llamacpp,
 llamacpp-f32 or MODULE:OBJECT), ``model`` (``gemma-3-270m``, the real weights, or a config name for a
-random-weight model), ``dtype`` (float32), ``seed`` (random weights), ``max_length``.
+random-weight model), ``dtype`` (float32), ``seed`` (random weights), ``max_length``, ``device``
+(``cuda:0``: the reference and HF run there).
 
 Every request is tokenized here with the model's own tokenizer and starts with exactly one BOS: the
 pre-flight (:mod:`harness.lmeval.preflight`) checks each batch of token ids before it is scored and stops
@@ -40,7 +41,7 @@ class GemmaHarnessLM(TemplateLM):
 
     def __init__(self, impl: str = "reference", model: str = "gemma-3-270m", dtype: str = "float32",
                  batch_size: int | str = 8, max_length: int | None = None, seed: int = 0,
-                 scorer: Scorer | None = None, loaded=None, **_lm_eval_extras):
+                 device: str | None = None, scorer: Scorer | None = None, loaded=None, **_lm_eval_extras):
         super().__init__()
         if str(batch_size).startswith("auto"):
             raise ScorerError("batch_size=auto is not supported: give a number (scores do not depend on it)")
@@ -48,7 +49,7 @@ class GemmaHarnessLM(TemplateLM):
         self.impl, self.model_name, self.dtype = impl, model, dtype
         self.loaded = loaded or load_model(model, seed)
         self.tokens = self.loaded.tokens
-        self.scorer = scorer or build_scorer(impl, self.loaded, getattr(torch, dtype))
+        self.scorer = scorer or build_scorer(impl, self.loaded, getattr(torch, dtype), device=device or "cpu")
         self.max_length = int(max_length or min(DEFAULT_MAX_LENGTH, self.loaded.hf_config.get(
             "max_position_embeddings", DEFAULT_MAX_LENGTH)))
         self.chat = False  # set when lm-eval renders a chat template through apply_chat_template

