@@ -21,6 +21,7 @@ independent of its batch (see :mod:`harness.lmeval.scorers`), so batch size neve
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Sequence
 
 import lm_eval.models  # noqa: F401 - lm-eval's own models first: a registry already holding ours would skip them
@@ -49,6 +50,9 @@ class GemmaHarnessLM(TemplateLM):
         self.impl, self.model_name, self.dtype = impl, model, dtype
         self.loaded = loaded or load_model(model, seed)
         self.tokens = self.loaded.tokens
+        if device == "cuda" and not torch.cuda.is_available():  # lm-eval's default device: as its HF model does
+            logging.getLogger(__name__).warning("gemma-harness: CUDA is not available, running on the CPU")
+            device = "cpu"
         self.scorer = scorer or build_scorer(impl, self.loaded, getattr(torch, dtype), device=device or "cpu")
         self.max_length = int(max_length or min(DEFAULT_MAX_LENGTH, self.loaded.hf_config.get(
             "max_position_embeddings", DEFAULT_MAX_LENGTH)))
