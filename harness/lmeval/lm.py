@@ -50,7 +50,7 @@ class GemmaHarnessLM(TemplateLM):
         self.impl, self.model_name, self.dtype = impl, model, dtype
         self.loaded = loaded or load_model(model, seed)
         self.tokens = self.loaded.tokens
-        if device == "cuda" and not torch.cuda.is_available():  # lm-eval's default device: as its HF model does
+        if str(device).startswith("cuda") and not torch.cuda.is_available():  # lm-eval's default: as its HF model
             logging.getLogger(__name__).warning("gemma-harness: CUDA is not available, running on the CPU")
             device = "cpu"
         self.scorer = scorer or build_scorer(impl, self.loaded, getattr(torch, dtype), device=device or "cpu")

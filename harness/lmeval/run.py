@@ -140,6 +140,10 @@ def run(impls: Sequence[str], model: str, task_names: Sequence[str], out_dir: st
     from .preflight import PreflightError
     from .scorers import load_model
 
+    import torch
+
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"--device {device}: CUDA is not available here")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     path = records_mod.records_path(out)
