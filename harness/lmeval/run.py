@@ -134,13 +134,12 @@ def run(impls: Sequence[str], model: str, task_names: Sequence[str], out_dir: st
         num_fewshot: int = 0, batch: int = 8, dtype: str = "float32", chat_template: bool = False,
         resume: bool = False, quiet: bool = False, seed: int = 0, device: str = "cpu") -> list[dict]:
     """Every (implementation, task) cell; records appended as they finish. The records of this call."""
+    import torch
     from lm_eval.tasks import TaskManager
 
     from .lm import GemmaHarnessLM
     from .preflight import PreflightError
     from .scorers import load_model
-
-    import torch
 
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"--device {device}: CUDA is not available here")
