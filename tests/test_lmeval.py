@@ -354,3 +354,16 @@ def test_a_checkpoint_under_the_weights_root_is_loaded_with_its_tokenizer(tiny, 
         assert loaded.weights == f"checkpoint:{name}" and loaded.tokens.bos_id == 2
         assert build_scorer("reference", loaded).score(rows, [3]) == expected
         assert loaded.tokens.decode(loaded.tokens.encode("<t40> <t41>")) == "<t40> <t41>"
+
+
+@needs_data
+def test_compare_pairs_a_limited_run_on_the_documents_both_scored(tmp_path, capsys):
+    from harness.cli import main
+
+    out = str(tmp_path / "run")
+    base = ["eval", "--model", TINY, "--tasks", "arc_challenge", "--out", out, "-q"]
+    assert main([*base, "--impl", "reference", "--limit", "5"]) == 0
+    assert main([*base, "--impl", "hf", "--limit", "3"]) == 0
+    capsys.readouterr()
+    assert main(["eval", "--compare", "reference", "hf", "--out", out]) == 0
+    assert "hf vs reference on arc_challenge (n=3)" in capsys.readouterr().out

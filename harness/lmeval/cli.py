@@ -88,24 +88,30 @@ def _eval_records(out: str) -> list[dict]:
 
 def compare_runs(out: str, a: str, b: str, metric: str, alpha: float, power: float,
                  tasks: list[str] | None = None) -> list:
-    """stats.Comparison per task that both A and B ran (same model, shots, limit, chat flag)."""
+    """stats.Comparison per task that both A and B ran (same model, shots and chat flag), paired on the
+    documents both scored: a run cut with --limit is compared on its documents (n says how many)."""
     from . import stats
     from .run import load_samples
 
     def key(r):
         c = r["cell"]
-        return (c["model"], c["task"], c["num_fewshot"], c["limit"], c["chat_template"])
+        return (c["model"], c["task"], c["num_fewshot"], c["chat_template"])
 
     ok = [r for r in _eval_records(out) if r["status"] == "ok" and (not tasks or r["cell"]["task"] in tasks)]
-    by_impl = {impl: {key(r): r for r in ok if r["cell"]["impl"] == impl} for impl in (a, b)}
+    by_impl: dict[str, dict] = {a: {}, b: {}}
+    for r in ok:  # per implementation and key, the run that scored the most documents
+        impl = r["cell"]["impl"]
+        if impl in by_impl and (r["n"] or 0) > (by_impl[impl].get(key(r), {}).get("n") or 0):
+            by_impl[impl][key(r)] = r
     common = sorted(set(by_impl[a]) & set(by_impl[b]), key=str)
     if not common:
         raise Usage(f"--compare: no task that both {a} and {b} ran successfully in {out}")
     out_list = []
     for k in common:
-        ra, rb = by_impl[a][k], by_impl[b][k]
-        out_list.append(stats.compare(k[1], a, b, load_samples(out, ra), load_samples(out, rb), metric=metric,
-                                      alpha=alpha, power=power))
+        sa, sb = load_samples(out, by_impl[a][k]), load_samples(out, by_impl[b][k])
+        docs = set(sa) & set(sb)
+        out_list.append(stats.compare(k[1], a, b, {d: sa[d] for d in docs}, {d: sb[d] for d in docs},
+                                      metric=metric, alpha=alpha, power=power))
     return out_list
 
 
