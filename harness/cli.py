@@ -705,28 +705,19 @@ def _crash_line(exc: BaseException) -> str:
 
 
 def _lmeval(argv: list[str]) -> int:
-    """``eval`` and ``lm-eval``, with the same one-line endings as every other command."""
+    """``eval``, ``lm-eval`` and ``logprobs``: their own parsers (harness.lmeval)."""
     try:
         from .lmeval import cli as lmeval_cli
     except ImportError as exc:
         print(f"error: lm-eval is not installed ({exc}): pip install -e '.[eval]'", file=sys.stderr)
         return EXIT_USAGE
-    try:
-        if argv[0] == "lm-eval":
-            return lmeval_cli.lm_eval_main(argv[1:])
-        if argv[0] == "logprobs":
-            from .lmeval import logit_conformance
+    if argv[0] == "lm-eval":
+        return lmeval_cli.lm_eval_main(argv[1:])
+    if argv[0] == "logprobs":
+        from .lmeval import logit_conformance
 
-            return logit_conformance.main(argv[1:])
-        return lmeval_cli.main(argv[1:])
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return EXIT_INTERRUPTED
-    except Exception as exc:  # noqa: BLE001 - a bug of the harness: one line, not a traceback
-        if os.environ.get("GEMMA_HARNESS_DEBUG") == "1":
-            raise
-        print(f"error: internal error: {_crash_line(exc)}", file=sys.stderr)
-        return EXIT_INTERNAL
+        return logit_conformance.main(argv[1:])
+    return lmeval_cli.main(argv[1:])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -739,10 +730,10 @@ def main(argv: list[str] | None = None) -> int:
         from .bench import moe_cost
 
         return moe_cost.main(argv[1:])
-    if argv[:1] in (["eval"], ["lm-eval"], ["logprobs"]):  # lm-eval scores: their own parsers (harness.lmeval)
-        return _lmeval(argv)
-    args = build_parser().parse_args(argv)
     try:
+        if argv[:1] in (["eval"], ["lm-eval"], ["logprobs"]):  # lm-eval scores: their own parsers
+            return _lmeval(argv)
+        args = build_parser().parse_args(argv)
         return args.func(args)
     except Refused as exc:
         print(f"error: {exc}", file=sys.stderr)
