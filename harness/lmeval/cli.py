@@ -115,6 +115,21 @@ def compare_runs(out: str, a: str, b: str, metric: str, alpha: float, power: flo
     return out_list
 
 
+def compare_markdown(comparisons) -> str:
+    """The verdict lines, then one table row per comparison with the paired log-likelihood differences."""
+    out = [f"- {c.line()}" for c in comparisons] + ["", "| B vs A | task | n | A % | B % | Δ points | 95 % CI | "
+                                                      "McNemar p (B-only / A-only right) | detectable | "
+                                                      "log-likelihoods: pairs | max abs Δ | mean Δ | Wilcoxon p |",
+                                                      "|---|---|---:|---:|---:|---:|---|---|---:|---:|---:|---:|---:|"]
+    for c in comparisons:
+        ll = c.loglik
+        lls = (f"{ll.pairs} | {ll.max_abs:.2g} | {ll.mean:+.2g} | {ll.wilcoxon_p:.2g}" if ll else "— | — | — | —")
+        out.append(f"| {c.name_b} vs {c.name_a} | {c.task} | {c.n} | {c.accuracy_a * 100:.2f} | "
+                   f"{c.accuracy_b * 100:.2f} | {c.diff_points:+.2f} | [{c.ci_points[0]:+.2f}, {c.ci_points[1]:+.2f}] | "
+                   f"{c.mcnemar.p_value:.2g} ({c.mcnemar.only_b} / {c.mcnemar.only_a}) | {c.mde_points:.2g} | {lls} |")
+    return "\n".join(out) + "\n"
+
+
 def _compare(args) -> int:
     from . import stats
 
@@ -125,7 +140,7 @@ def _compare(args) -> int:
                    for c in compare_runs(args.out, base, b, args.metric, args.alpha, args.power, args.tasks)]
     lines = [c.line() for c in comparisons]
     print("\n".join(lines))
-    _write(args.md, "\n".join(f"- {line}" for line in lines) + "\n")
+    _write(args.md, compare_markdown(comparisons))
     _write(args.json, json.dumps([c.to_dict() for c in comparisons], indent=1) + "\n")
     return EXIT_FAIL if stats.verdict(comparisons) else EXIT_OK
 
