@@ -21,6 +21,7 @@ An eval record::
 from __future__ import annotations
 
 import json
+import tempfile
 import time
 from collections.abc import Sequence
 from datetime import datetime, timezone
@@ -147,7 +148,8 @@ def run(impls: Sequence[str], model: str, task_names: Sequence[str], out_dir: st
     out.mkdir(parents=True, exist_ok=True)
     path = records_mod.records_path(out)
     local = tasks_mod.resolve(list(task_names))
-    task_dir = tasks_mod.write_task_dir(out / "tasks", local)
+    # the YAMLs hold this machine's paths to the data: a temporary directory, not the (committable) output
+    task_dir = tasks_mod.write_task_dir(tempfile.mkdtemp(prefix="gemma-harness-tasks-"), local)
     manager = TaskManager(include_path=str(task_dir), include_defaults=False)
     loaded = load_model(model, seed)
     done = {}
