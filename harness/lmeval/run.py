@@ -31,6 +31,8 @@ from ..bench import records as records_mod
 from . import tasks as tasks_mod
 
 KIND = "eval"
+# implementations that read weights of their own instead of the loaded model's (the record names them)
+OWN_WEIGHTS = {"llamacpp": "gguf-q4_k_m (quantized matmuls)", "llamacpp-f32": "gguf-f32 (= dequantized q4_k_m)"}
 BOS_POLICY = "exactly one BOS at the start of every request (checked before scoring)"
 SAMPLES_DIR = "samples"
 
@@ -158,7 +160,8 @@ def run(impls: Sequence[str], model: str, task_names: Sequence[str], out_dir: st
         done = {r["cell_id"]: r for r in records_mod.iter_records(path) if r.get("kind") == KIND}
     written = []
     for impl in impls:
-        cells = [cell_for(impl, model, loaded.weights, dtype, batch, t, num_fewshot, limit, chat_template, device)
+        weights = OWN_WEIGHTS.get(impl, loaded.weights)
+        cells = [cell_for(impl, model, weights, dtype, batch, t, num_fewshot, limit, chat_template, device)
                  for t in local]
         todo = [(t, c) for t, c in zip(local, cells, strict=True) if records_mod.stable_id("e-", c) not in done]
         if not todo:
