@@ -298,6 +298,7 @@ def test_eval_cli_records_resume_and_compare(tmp_path, capsys):
     assert "## Accuracy (lm-eval)" in report and "2 eval cell(s), 2 ok" in report and "| arc_challenge |" in report
     assert f" {acc:.1f} " in report or (acc == int(acc) and f" {int(acc)} " in report)
     assert "Accuracy by task (acc)" in (tmp_path / "r.html").read_text()
+    assert "## Generation cells" not in report  # eval-only records: no empty generation section
 
 
 @needs_data

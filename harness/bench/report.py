@@ -543,7 +543,7 @@ def _markdown(records: Sequence[dict], comparison: Comparison | None, title: str
         lines += [f"**{comparison.summary()}** (details under Regression check)", ""]
     lines += [f"- {note}" for note in notes] + ([""] if notes else [])
     for name, frame in tables(records).items():
-        if frame.empty and name in OPTIONAL_SECTIONS:
+        if _left_out(name, frame, records):
             continue
         lines.append(f"## {SECTION_TITLES[name]}")
         lines.append("")
@@ -763,7 +763,7 @@ def accuracy_plot(frame: pd.DataFrame) -> tuple[str, str, str]:
 
     metric = "acc %" if "acc %" in frame.columns else next(c for c in frame.columns if c.endswith(" %"))
     keys = frame.apply(lambda r: f"{r['task']} ({r['model']}, {r['shots']}-shot"
-                       + (f", first {r['limit']}" if pd.notna(r["limit"]) and r["limit"] else "") + ")", axis=1)
+                       + (f", first {int(r['limit'])}" if pd.notna(r["limit"]) and r["limit"] else "") + ")", axis=1)
     groups = list(dict.fromkeys(keys))
     impls = list(dict.fromkeys(frame["impl"]))
     figure = Figure(figsize=(max(6.0, 1.6 * len(groups) * max(1, len(impls)) / 2), 4.0), dpi=100)
@@ -814,12 +814,20 @@ def _html_notes(notes: Iterable[str]) -> str:
     return "".join(f'<p class="note">{html_lib.escape(n)}</p>' for n in notes)
 
 
+def _left_out(name: str, frame: pd.DataFrame, records: Sequence[dict]) -> bool:
+    """An empty optional section, or the generation section (and its plots) of eval-only records."""
+    if not frame.empty:
+        return False
+    return name in OPTIONAL_SECTIONS or (name == "generation" and all(kind(r) == "eval" for r in records)
+                                         and bool(records))
+
+
 def _html_tables(records: Sequence[dict], plot_after: str = "generation") -> list[str]:
     """The tables, with the plots right after the ``plot_after`` table."""
     parts = []
     frames = tables(records)
     for name, frame in frames.items():
-        if frame.empty and name in OPTIONAL_SECTIONS:
+        if _left_out(name, frame, records):
             continue
         parts.append(f"<h2>{SECTION_TITLES[name]}</h2>")
         if frame.empty:
