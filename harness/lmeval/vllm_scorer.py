@@ -125,8 +125,13 @@ class VLLMScorer(Scorer):
     name = "vllm"
 
     def __init__(self, model: LoadedModel, dtype: torch.dtype = torch.float32, python: str | None = None,
-                 timeout_s: float = 900, max_model_len: int | None = None, max_num_seqs: int = 1):
+                 timeout_s: float = 900, max_model_len: int | None = None, max_num_seqs: int = 1,
+                 kv_cache_gib: float = 2.0):
         super().__init__()
+        # the engine's own KV space, whatever this process's environment says (another vLLM user in the
+        # same process, e.g. kv-measure, may have set VLLM_CPU_KVCACHE_SPACE for a much larger model):
+        # the 270M in fp32 holds 36 KiB per token, so 2 GiB is ~58k tokens
+        self.kv_cache_gib = float(kv_cache_gib)
         why = unsupported_geometry(model.hf_config)
         if why:
             raise ScorerError(f"vllm: {model.name}: {why}")
@@ -152,7 +157,7 @@ class VLLMScorer(Scorer):
         setup = {"model_dir": str(Path(self._dir) / "model"), "dtype": str(dtype).removeprefix("torch."),
                  "max_model_len": self.max_model_len, "max_num_seqs": self.max_num_seqs}
         (Path(self._dir) / "setup.json").write_text(json.dumps(setup))
-        env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
+        env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CPU_KVCACHE_SPACE": f"{self.kv_cache_gib:g}",
                "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))}
         read_end, write_end = os.pipe()
         started = time.perf_counter()
@@ -178,6 +183,7 @@ class VLLMScorer(Scorer):
             raise
         self.environment = {"impl": "vllm", **ready["environment"], "dtype": setup["dtype"],
                             "max_num_seqs": self.max_num_seqs, "max_model_len": self.max_model_len,
+                            "kv_cache_gib": self.kv_cache_gib,
                             "python": python, "engine_start_wall_s": round(time.perf_counter() - started, 2)}
 
     def _fail(self, what: str) -> ScorerError:
