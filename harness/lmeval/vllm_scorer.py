@@ -53,6 +53,7 @@ import torch
 
 from ..adapters.base import last_error_line
 from ..adapters.vllm import HEAD_SIZES, MOE_HIDDEN_ALIGNMENT
+from ..bench.runner import _die_with_parent, python_for
 from ..model_dir import write_model_dir
 from .scorers import LoadedModel, Scored, Scorer, ScorerError
 
@@ -64,15 +65,9 @@ BATCH_INVARIANT_MEASURED = False
 
 
 def vllm_python(python: str | None = None) -> str:
-    """The interpreter the worker runs in: ``python``, ``$GEMMA_HARNESS_VLLM_PYTHON``, the repo's
-    ``.tox/vllm`` env, or this one."""
-    if python:
-        return python
-    explicit = os.environ.get("GEMMA_HARNESS_VLLM_PYTHON")
-    if explicit:
-        return explicit
-    tox = REPO_ROOT / ".tox" / "vllm" / "bin" / "python"
-    return str(tox) if tox.exists() else sys.executable
+    """The interpreter the worker runs in: ``python``, else the benchmark runner's choice for vLLM
+    (``$GEMMA_HARNESS_VLLM_PYTHON``, the repo's ``.tox/vllm`` env, or this one)."""
+    return python or python_for("vllm")
 
 
 def unsupported_geometry(hf_config) -> str | None:
@@ -87,16 +82,6 @@ def unsupported_geometry(hf_config) -> str | None:
         return (f"vLLM's CPU MoE kernel needs a hidden size divisible by {MOE_HIDDEN_ALIGNMENT} (this model has "
                 f"{hidden}): this model cannot be scored by vLLM unchanged")
     return None
-
-
-def _die_with_parent() -> None:
-    """In the worker, before exec: be killed when this process dies (no orphan engine holding memory)."""
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    except OSError:
-        pass
 
 
 def _shutdown(proc: subprocess.Popen, folder: str, grace_s: float = 30.0) -> None:
