@@ -5,6 +5,12 @@ Each ``<name>.json`` holds the HF ``config.json`` dict of a released Gemma 1/2/3
 that keeps its parent's structural features), plus the published parameter counts of the released
 models.  Stdlib only.
 
+An image-text variant (``<name>-mm``, HF model type ``gemma3``) holds the whole multimodal config: its
+``vision_config`` and the image token ids, and as ``text_config`` the *name* of the text config it
+shares (``"gemma-3-4b"``), which :func:`hf_config` fills in. :func:`names` lists the *core* variants
+(the text decoders of Gemma 1-4, which one decoder class builds) unless asked for the others: the
+image-text models and Gemma 3n (``core=False``, or ``None`` for all).
+
     >>> import configs
     >>> configs.names(tiny=False)[:2]
     ['gemma-2b', 'gemma-7b']
@@ -21,11 +27,14 @@ import json
 from pathlib import Path
 from typing import Any
 
-__all__ = ["ConfigError", "CONFIG_DIR", "names", "load", "hf_config", "cut", "broken"]
+__all__ = ["ConfigError", "CONFIG_DIR", "names", "load", "hf_config", "text_config", "cut", "broken"]
 
 CONFIG_DIR = Path(__file__).resolve().parent
 
 _MODEL_TYPES = {1: "gemma", 2: "gemma2", 3: "gemma3_text", 4: "gemma4_text"}
+_MULTIMODAL_TYPES = {3: "gemma3"}  # generation -> the HF model type of its image-text models
+_BEYOND_CORE = {"gemma3", "gemma3n_text"}  # model types outside the core text decoders
+_HF_MULTIMODAL = ("vision_config", "mm_tokens_per_image", "image_token_index", "boi_token_index", "eoi_token_index")
 
 _TOP_KEYS = ("name", "generation", "tiny_of", "description", "published_params", "hf_config")
 _PUBLISHED_KEYS = ("total", "embedding", "non_embedding", "tolerance", "source", "scope")
@@ -118,6 +127,9 @@ def _validate(path: Path, data: Any) -> None:
     hf = data["hf_config"]
     if not isinstance(hf, dict):
         raise _fail(path, "key 'hf_config' must be an object")
+    if hf.get("model_type") == _MULTIMODAL_TYPES.get(gen):
+        _validate_multimodal(path, hf)
+        return
     model_type = hf.get("model_type")
     if model_type != _MODEL_TYPES[gen]:
         raise _fail(
@@ -134,6 +146,17 @@ def _validate(path: Path, data: Any) -> None:
             f"key 'hf_config.layer_types' has {len(layer_types)} entries for "
             f"num_hidden_layers={hf['num_hidden_layers']}",
         )
+
+
+def _validate_multimodal(path: Path, hf: dict) -> None:
+    for key in _HF_MULTIMODAL:
+        if key not in hf:
+            raise _fail(path, f"missing required key 'hf_config.{key}'")
+    text = hf.get("text_config")
+    if not isinstance(text, str) or not (CONFIG_DIR / f"{text}.json").is_file():
+        raise _fail(path, f"key 'hf_config.text_config' is {text!r}; it must name the text config file it shares")
+    if not isinstance(hf["vision_config"], dict):
+        raise _fail(path, "key 'hf_config.vision_config' must be an object")
 
 
 @functools.cache
@@ -170,11 +193,15 @@ def broken() -> dict[str, str]:
     return out
 
 
-def names(tiny: bool | None = None) -> list[str]:
-    """All readable config names in generation / size order; ``tiny=True`` only the twins, ``False`` only
-    released. A malformed file is left out (see :func:`broken`), so one bad file does not hide the rest."""
+def names(tiny: bool | None = None, core: bool | None = True) -> list[str]:
+    """Readable config names in generation / size order; ``tiny=True`` only the twins, ``False`` only
+    released; ``core=True`` (the default) only the text decoders of Gemma 1-4, ``False`` only the
+    image-text models and Gemma 3n, ``None`` all. A malformed file is left out (see :func:`broken`), so
+    one bad file does not hide the rest."""
     bad = broken()
     out = sorted((n for n in _all_names() if n not in bad), key=_order)
+    if core is not None:
+        out = [n for n in out if (_read(n)["hf_config"].get("model_type") not in _BEYOND_CORE) == core]
     if tiny is None:
         return out
     return [n for n in out if (_read(n)["tiny_of"] is not None) == tiny]
@@ -191,14 +218,25 @@ def load(name: str) -> dict[str, Any]:
 
 
 def hf_config(name: str) -> dict[str, Any]:
-    """A deep copy of the variant's HF ``config.json`` dict (text model)."""
-    return load(name)["hf_config"]
+    """A deep copy of the variant's HF ``config.json`` dict (an image-text model's with its text config
+    filled in)."""
+    config = load(name)["hf_config"]
+    if isinstance(config.get("text_config"), str):
+        config["text_config"] = hf_config(config["text_config"])
+    return config
+
+
+def text_config(config: dict[str, Any]) -> dict[str, Any]:
+    """The text decoder's part of an HF config dict (itself for a text model)."""
+    return config["text_config"] if isinstance(config.get("text_config"), dict) else config
 
 
 def cut(config: dict[str, Any], num_layers: int) -> dict[str, Any]:
     """The config cut to its first ``num_layers`` layers (a full-size model that does not fit, gated in
     part). Layer types are cut with it; Gemma 4's KV-shared tail keeps the layers of it that remain
-    (they read the same donors, which come before it)."""
+    (they read the same donors, which come before it). An image-text model's text decoder is cut."""
+    if isinstance(config.get("text_config"), dict):
+        return {**copy.deepcopy(config), "text_config": cut(config["text_config"], num_layers)}
     total = config["num_hidden_layers"]
     if not isinstance(num_layers, int) or not 1 <= num_layers <= total:
         raise ValueError(f"cannot cut a {total}-layer model to {num_layers!r} layers (1 to {total})")

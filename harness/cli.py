@@ -95,7 +95,7 @@ def _cmd_configs(args) -> int:
         print(f"warning: left out malformed config {reason}", file=sys.stderr)
     tiny = True if args.tiny else (False if args.released else None)
     rows = []
-    for name in configs.names(tiny=tiny):
+    for name in configs.names(tiny=tiny, core=None):
         spec = ModelSpec.from_hf_config(configs.hf_config(name))
         kinds = "".join("G" if layer.attention == "global" else "s" for layer in spec.layers)
         layer0 = spec.layers[0]
@@ -120,7 +120,7 @@ def _conform_models(args) -> tuple[list[str], dict[str, str]]:
     run's ERROR, so one bad file neither hides the rest nor goes unnoticed."""
     broken = configs.broken()
     if args.all:  # a malformed file cannot say whether it is a twin: its name does
-        return configs.names(tiny=True) + [n for n in broken if n.endswith("-tiny")], broken
+        return configs.names(tiny=True, core=None) + [n for n in broken if n.endswith("-tiny")], broken
     if not args.model:
         raise Refused("give --model NAME or --all")
     for model in args.model:
@@ -136,7 +136,7 @@ def _check_layers(layers: int | None, models: list[str]) -> None:
     if layers < 1:
         raise Refused(f"--layers {layers}: must be at least 1")
     for model in models:
-        total = configs.hf_config(model)["num_hidden_layers"]
+        total = configs.text_config(configs.hf_config(model))["num_hidden_layers"]
         if layers > total:
             raise Refused(f"--layers {layers}: {model} has only {total} layers")
 

@@ -177,8 +177,9 @@ def plan(model: str, candidate: Adapter | None = None, dtype: str = "float32", s
     variant a candidate with ``prepare_config`` needs (vLLM: head sizes its kernels accept)."""
     hf_config = configs.hf_config(model)
     label = model
-    if layers is not None and layers != hf_config["num_hidden_layers"]:
-        label = f"{model} (first {layers} of {hf_config['num_hidden_layers']} layers)"
+    total = configs.text_config(hf_config)["num_hidden_layers"]
+    if layers is not None and layers != total:
+        label = f"{model} (first {layers} of {total} layers)"
         hf_config = configs.cut(hf_config, layers)
     if isinstance(candidate, Adapter):
         hf_config = candidate.prepare_config(hf_config)
@@ -436,7 +437,12 @@ def _judge(spec, reference, runs, tol, reasons, logits_form="logits") -> list[Pr
 
 def _judge_probe(spec, reference, probe, runs: list[_Run], tol, reasons) -> ProbeResult:
     reason = reasons.get(probe) or reasons.get("*", "")
-    valid = [r.batch.valid for r in runs]
+    if probe_names.is_media(probe):  # (images, tokens, ...): every token is real; runs without images have none
+        runs = [r for r in runs if probe in r.ref] or runs[:1]
+        valid = [torch.ones(r.ref[probe].shape[:2], dtype=torch.bool) if probe in r.ref else r.batch.valid[:0]
+                 for r in runs]
+    else:
+        valid = [r.batch.valid for r in runs]
     cand = [r.cand.get(probe) for r in runs]
     if probe.endswith(".router"):
         result = _judge_router(reference, probe, runs, tol, reason)
@@ -449,7 +455,7 @@ def _judge_probe(spec, reference, probe, runs: list[_Run], tol, reasons) -> Prob
         if isolated and result.status in ("pass", "fail"):
             _add_drift(result, probe, runs, cand, valid)
     result.isolated = isolated and result.judged
-    if result.judged and not isolated and not probe.endswith(".router") and probe not in ("embed", "logits"):
+    if result.judged and not isolated and not probe.endswith(".router") and probe not in ("embed", "logits", "vision.embed"):
         missing = [u for u in (probe_names.upstream_values(spec, probe) or [probe_names.input_of(probe)])
                    if u and any(u not in r.cand for r in runs)]
         result.note = "; ".join(filter(None, [f"not isolated (the candidate gives no {', '.join(missing)})",

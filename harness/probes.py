@@ -35,11 +35,25 @@ def canonical(num_layers: int) -> list[str]:
     return names + ["final_norm_input", "final_norm", "logits"]
 
 
+def vision(spec) -> list[str]:
+    """An image-text model's image path, in order; each probe is (images, tokens, features)."""
+    if getattr(spec, "multimodal", None) is None:
+        return []
+    layers = [f"vision.layers.{i}.out" for i in range(spec.multimodal.vision.num_layers)]
+    return ["vision.embed", *layers, "vision.post_norm", "vision.pool", "vision.proj"]
+
+
+def is_media(name: str) -> bool:
+    """A probe of an image (or audio) tower: shaped (items, tokens, ...), not (batch, tokens, ...)."""
+    return name.startswith(("vision.", "audio."))
+
+
 def for_spec(spec) -> list[str]:
-    """Every probe of a model, in forward order: per layer the attention and the MLP (each input, then
-    output), on MoE layers the router and the experts, on per-layer-embedding models the PLE branch,
-    then the layer's output stream."""
-    names = ["embed"]
+    """Every probe of a model, in forward order: an image-text model's image path and the ``merge`` of its
+    soft tokens into the embedded text; per layer the attention and the MLP (each input, then output), on
+    MoE layers the router and the experts, on per-layer-embedding models the PLE branch, then the layer's
+    output stream."""
+    names = [*vision(spec), "embed"] + (["merge"] if getattr(spec, "multimodal", None) is not None else [])
     for layer in spec.layers:
         p = f"layers.{layer.index}"
         names += [f"{p}.attn_input", f"{p}.attn", f"{p}.mlp_input", f"{p}.mlp"]
@@ -70,14 +84,21 @@ STREAM = ("attn_input", "mlp_input", "router_input", "moe_input", "ple_input", "
 
 def upstream_values(spec, name: str) -> list[str] | None:
     """The probes a stream probe is computed from (the reference recomputes it from the candidate's own
-    values of these, so the operations between them are judged alone), or None for other probes."""
+    values of these, so the operations between them are judged alone), or None for other probes. On the
+    image path each probe is computed from the one before it."""
+    path = vision(spec)
+    if name in path[1:]:
+        return [path[path.index(name) - 1]]
+    if name == "merge":
+        return ["embed", "vision.proj"]
     if name == "final_norm_input":
         return [f"layers.{spec.num_layers - 1}.out"]
     layer, kind = locate(name)
     if layer is None or kind not in STREAM:
         return None
     p = f"layers.{layer}"
-    prev = ["embed" if layer == 0 else f"layers.{layer - 1}.out"]
+    first = "merge" if getattr(spec, "multimodal", None) is not None else "embed"
+    prev = [first if layer == 0 else f"layers.{layer - 1}.out"]
     if kind == "attn_input":
         return prev
     if kind in ("mlp_input", "router_input", "moe_input"):
@@ -93,6 +114,8 @@ def _upstream(spec, name: str) -> str:
     of the values it is computed from (the per-layer input's ``embed`` aside)."""
     if name == "logits":
         return "final_norm"
+    if name == "merge":
+        return "vision.proj"
     values = upstream_values(spec, name)
     return values[-2] if name.endswith("ple_input") else values[-1]
 
@@ -118,6 +141,11 @@ def _between(spec, name: str) -> str:
         return _either(["the post-MLP norm" if sandwich else "", "the residual add",
                         "the post-PLE norm and its add" if spec.ple is not None else "",
                         "the layer scalar" if getattr(spec, "layer_scalar", False) else ""])
+    if name in _IMAGE_PATH:
+        return _IMAGE_PATH[name]
+    if name.startswith("vision.layers."):
+        return ("the vision encoder layer (its LayerNorms, the attention over every patch — q/k/v/out "
+                "projections with biases, scale head_dim^-0.5, no mask — or the fc1/GELU/fc2 MLP, or a residual add)")
     if name == "final_norm_input":
         return "whatever is applied to the stream after the last layer"
     if name == "logits":
@@ -131,8 +159,23 @@ def _either(parts: list[str]) -> str:
     return parts[0] if len(parts) == 1 else f"{', '.join(parts[:-1])} or {parts[-1]}"
 
 
+_IMAGE_PATH = {
+    "vision.post_norm": "the vision tower's final LayerNorm",
+    "vision.pool": "the pooling of the patch grid (k x k average, row-major patches; a norm applied before it "
+                   "belongs after it)",
+    "vision.proj": "the projector (its soft-embedding RMSNorm with 1 + w, or the projection x @ W with W (vision, text))",
+    "merge": "the merge of the soft tokens into the embedded text (at the image-token positions, in order, not "
+             "scaled by sqrt(hidden))",
+}
+
+
 def blame(spec, name: str, isolated: bool) -> str:
     """One line naming the wrong operation when ``name`` is the first probe that fails."""
+    if name == "vision.embed":
+        return "the patch embedding is wrong (the patch convolution, the patch order or the learned position table)"
+    if is_media(name) or name == "merge":
+        how = "" if isolated else " (not isolated: judged against the reference's own stream)"
+        return f"the bug is between `{_upstream(spec, name)}` and `{name}` ({_between(spec, name)}){how}"
     kind = locate(name)[1]
     if kind in SUBLAYERS:
         what, inside = SUBLAYERS[kind]

@@ -27,7 +27,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from reference_impl.spec import ModelSpec
-from reference_impl.weights import expected_shapes
+from reference_impl.weights import embedding_name, expected_shapes
 
 MIN_LENGTH = 40
 LEFT_PAD = 5
@@ -84,6 +84,9 @@ def random_state_dict(spec: ModelSpec, seed: int = 0, conditioning: Conditioning
     state = {}
     for name, shape in expected_shapes(spec).items():
         w = torch.randn(shape, generator=gen)
+        if name.startswith(_TOWERS):
+            state[name] = _tower_tensor(name, w, c)
+            continue
         if spec.norm_offset == 0 and (len(shape) == 1 or name.endswith("layer_scalar")):
             w = _gemma4_gain(name, w, shape, gen, c)
             state[name] = w * c.post_norm_gain if c.post_norm_gain != 1 and _is_post_norm(spec, name) else w
@@ -94,7 +97,7 @@ def random_state_dict(spec: ModelSpec, seed: int = 0, conditioning: Conditioning
                 w = c.post_norm_gain * (1 + w) - 1
         elif name.endswith(("experts.gate_up_proj", "experts.down_proj")):
             w /= math.sqrt(shape[2])
-        elif name in ("model.embed_tokens.weight", "lm_head.weight"):
+        elif name in (embedding_name(spec), "lm_head.weight"):
             w *= c.logit_std / math.sqrt(spec.hidden_size)
         else:
             w /= math.sqrt(shape[1])
@@ -104,6 +107,28 @@ def random_state_dict(spec: ModelSpec, seed: int = 0, conditioning: Conditioning
                 w *= c.router_gain
         state[name] = w
     return state
+
+
+_TOWERS = ("model.vision_tower.", "model.multi_modal_projector.")
+
+
+def _tower_tensor(name: str, w: torch.Tensor, c: Conditioning) -> torch.Tensor:
+    """A vision tower or projector tensor: no value HF's init gives (zero projector, zero biases, unit
+    LayerNorms) that would hide a bug. LayerNorm gains ~ 1 + N(0, norm_std), biases N(0, 0.2), the
+    position table N(0, 0.5) (patch embeddings have std ~0.6), matrices at unit gain over their fan-in
+    (the projector is (C, H_text), used as x @ W: its fan-in is its first dim), q/k at ``qk_gain``."""
+    if name.endswith("mm_soft_emb_norm.weight"):  # Gemma RMSNorm: 1 + w
+        return w * c.norm_std
+    if name.endswith("mm_input_projection_weight"):
+        return w / math.sqrt(w.shape[0])
+    if name.endswith("position_embedding.weight"):
+        return w * 0.5
+    if name.endswith(".bias"):
+        return w * 0.2
+    if w.dim() == 1:  # LayerNorm weight
+        return 1 + w * c.norm_std
+    w = w / math.sqrt(w[0].numel())  # (out, in) or a convolution (C, 3, p, p)
+    return w * c.qk_gain if name.endswith(("q_proj.weight", "k_proj.weight")) else w
 
 
 def _gemma4_gain(name: str, w: torch.Tensor, shape, gen, c: Conditioning) -> torch.Tensor:
@@ -123,6 +148,21 @@ class Batch:
     input_ids: torch.Tensor  # (B, T)
     attention_mask: torch.Tensor  # (B, T) 1 = token, 0 = padding
     position_ids: torch.Tensor | None  # (B, T); None: the implementation counts positions from 0 itself
+    # image-text models: the images of the placeholder runs in (row, position) order, (I, 3, S, S), and
+    # the row each one is in, (I,)
+    pixel_values: torch.Tensor | None = None
+    image_rows: torch.Tensor | None = None
+
+    @property
+    def media(self) -> dict[str, torch.Tensor]:
+        """The batch's media inputs, as keyword arguments (none for a text batch)."""
+        return {} if self.pixel_values is None else {"pixel_values": self.pixel_values}
+
+    def _images_of(self, row: int) -> dict:
+        if self.pixel_values is None:
+            return {}
+        keep = self.image_rows == row
+        return {"pixel_values": self.pixel_values[keep], "image_rows": torch.zeros(int(keep.sum()), dtype=torch.long)}
 
     @property
     def valid(self) -> torch.Tensor:
@@ -140,23 +180,60 @@ class Batch:
         """Each row alone, its padding dropped: (1, real tokens) batches at positions 0..n-1 (given
         explicitly, or left to the implementation with ``positions=False``)."""
         out = []
-        for prompt in self.prompts():
+        for row, prompt in enumerate(self.prompts()):
             ids = torch.tensor([prompt], dtype=self.input_ids.dtype)
-            out.append(Batch(ids, torch.ones_like(ids), torch.arange(ids.shape[1])[None] if positions else None))
+            out.append(Batch(ids, torch.ones_like(ids), torch.arange(ids.shape[1])[None] if positions else None,
+                             **self._images_of(row)))
         return out
 
     def without_positions(self) -> Batch:
-        return Batch(self.input_ids, self.attention_mask, None)
+        return replace(self, position_ids=None)
 
     def describe(self) -> str:
         b, t = self.input_ids.shape
         pads = (self.attention_mask == 0).sum(dim=1).tolist()
-        return f"batch {b} x {t} tokens, left padding per row {pads}"
+        images = ""
+        if self.pixel_values is not None:
+            per_row = torch.bincount(self.image_rows, minlength=b).tolist()
+            images = f", images per row {per_row} ({'x'.join(map(str, self.pixel_values.shape[1:]))})"
+        return f"batch {b} x {t} tokens, left padding per row {pads}{images}"
 
 
 def default_length(spec: ModelSpec) -> int:
     window = spec.max_window or 0
-    return max(MIN_LENGTH, 3 * window)
+    length = max(MIN_LENGTH, 3 * window)
+    if spec.multimodal is not None:  # room for two images and text around them
+        length = max(length, 2 * (spec.multimodal.tokens_per_image + 2) + 14)
+    return length
+
+
+def make_image(size: int, gen: torch.Generator) -> torch.Tensor:
+    """(3, size, size) in [-1, 1] (the processor's range): a colour gradient, a bright square, noise —
+    structure the pooling and the position table must keep in place."""
+    ramp = torch.linspace(-1, 1, size)
+    image = torch.stack([ramp[None, :].expand(size, size), ramp[:, None].expand(size, size),
+                         (ramp[None, :] * ramp[:, None])])
+    x0, y0 = (int(v) for v in torch.randint(0, size // 2, (2,), generator=gen))
+    image[:, y0:y0 + size // 4, x0:x0 + size // 4] = 0.9
+    return (image + 0.2 * torch.randn(image.shape, generator=gen)).clamp(-1, 1)
+
+
+def _place_images(spec: ModelSpec, ids: torch.Tensor, mask: torch.Tensor, gen) -> tuple[torch.Tensor, torch.Tensor]:
+    """Row 0 gets two images (after a short text, and a few tokens later), row 1 one image, each as
+    ``<boi>`` + N placeholders + ``<eoi>``; returns (pixel values (I, 3, S, S), row of each image)."""
+    mm = spec.multimodal
+    n = mm.tokens_per_image
+    ids[ids == mm.image_token_id] = mm.image_token_id - 1 if mm.image_token_id > 3 else mm.image_token_id + 1
+    starts = {0: [4, 4 + n + 2 + 4], 1: [int((mask[1] == 0).sum()) + 6]}
+    rows = []
+    for row, offsets in starts.items():
+        for start in offsets:
+            ids[row, start] = mm.boi_token_id
+            ids[row, start + 1:start + 1 + n] = mm.image_token_id
+            ids[row, start + 1 + n] = mm.eoi_token_id
+            rows.append(row)
+    pixels = torch.stack([make_image(mm.vision.image_size, gen) for _ in rows])
+    return pixels, torch.tensor(rows)
 
 
 def make_batch(spec: ModelSpec, seed: int = 0, length: int | None = None, left_pad: int = LEFT_PAD) -> Batch:
@@ -171,4 +248,7 @@ def make_batch(spec: ModelSpec, seed: int = 0, length: int | None = None, left_p
     ids[1, :left_pad], mask[1, :left_pad] = pad, 0
     ids[1, left_pad] = bos
     positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
-    return Batch(ids, mask, positions)
+    if spec.multimodal is None:
+        return Batch(ids, mask, positions)
+    pixels, rows = _place_images(spec, ids, mask, gen)
+    return Batch(ids, mask, positions, pixels, rows)

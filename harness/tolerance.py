@@ -41,6 +41,11 @@ The ``embed`` probe's bf16 limit, 2e-3 / 5e-4, is a recipe check, not a noise bo
 lookup and one multiply by the normalizer rounded to bf16, so there is one right answer (reference vs
 SDPA: 0). It catches a normalizer multiplied in fp32 instead of rounded to bf16 first (HF #29402,
 #37109): max_rel 0.019, 9.7x the limit. A float64 embedding (0.025 from the bf16 one) is no bf16 recipe.
+The image-text ``merge`` (soft tokens scattered into the embedded text, judged on the candidate's own
+``embed`` and ``vision.proj``) gets the same bf16 limits for the same reason: it rounds nothing (reference
+vs HF: 0). The text tokens, ~13x larger than the soft tokens on the twins, dominate the RMS the errors
+are divided by, so the general bf16 limit of 0.3 let two images merged in swapped order (max_rel 0.27)
+pass at ``merge`` and fail only at the logits (kl_max 27).
 Bugs below bf16 rounding (exact GELU, eps 1e-5, the Gemma 2 attention softcap dropped, the 27B query
 scale on Gemma 2) are invisible in bf16 by construction: gate those in float32.
 
@@ -101,7 +106,8 @@ _BF16 = Tolerance(
     "bfloat16", {"max_rel": 1.2, "rel_rms": 0.1, "kl_max": 2e-2},
     per_kind={"logits": {"max_rel": 0.7, "rel_rms": 0.06},
               "embed": {"max_rel": 2e-3, "rel_rms": 5e-4}},  # a recipe check, not a noise bound: see above
-    isolated={"*": {"max_rel": 0.3, "rel_rms": 0.025}},
+    isolated={"*": {"max_rel": 0.3, "rel_rms": 0.025},
+              "merge": {"max_rel": 2e-3, "rel_rms": 5e-4}},  # a scatter, no rounding: see above
     router_margin=0.02, router_probs=2e-2)
 _FP32_ISOLATED = {"*": {"max_rel": 5e-5, "rel_rms": 5e-6}}
 

@@ -21,10 +21,12 @@ import re
 from collections.abc import Mapping
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from . import ops
 from .cache import KVCache
+from .siglip import Vision
 from .spec import LayerSpec, ModelSpec, MoESpec
 
 
@@ -67,7 +69,9 @@ class Attention(nn.Module):
                 self.k_norm = RMSNorm(d, spec)
         self.v_norm = RMSNorm(d, spec, with_scale=False) if layer.v_norm and layer.has_kv else None
 
-    def forward(self, x, cos, sin, slots, valid, cache: KVCache | None, shared: dict):
+    def forward(self, x, cos, sin, slots, valid, cache: KVCache | None, shared: dict, blocks=None):
+        """``blocks`` (B, T): image block ids of the new tokens (-1 for text), whose tokens see each other
+        in both directions (earlier cached tokens count as text)."""
         b, t, _ = x.shape
         d = self.layer.head_dim
         q = self.q(x).view(b, t, -1, d).transpose(1, 2)  # (B, N, T, D)
@@ -79,7 +83,8 @@ class Attention(nn.Module):
             shared[self.layer.index] = (k, v, key_slots, key_valid)
         else:  # KV-shared layer: the donor's keys and values, in the forward and the cache path alike
             k, v, key_slots, key_valid = shared[self.layer.kv_donor]
-        allowed = ops.attention_mask(slots, key_slots, key_valid, self.layer.window)
+        key_blocks = None if blocks is None else F.pad(blocks, (key_slots.numel() - t, 0), value=-1)
+        allowed = ops.attention_mask(slots, key_slots, key_valid, self.layer.window, blocks, key_blocks)
         out = ops.attention(q, k, v, allowed, self.layer.query_scale, self.layer.attn_softcap)
         return self.o(out.transpose(1, 2).reshape(b, t, -1))
 
@@ -272,10 +277,10 @@ class Block(nn.Module):
         self.ple = PerLayerInput(spec) if spec.ple is not None else NoPerLayerInput()
         self.layer_scalar = LayerScalar() if spec.layer_scalar else nn.Identity()
 
-    def forward(self, x, cos, sin, slots, valid, cache, shared, capture, ple_input=None, forced=None):
+    def forward(self, x, cos, sin, slots, valid, cache, shared, capture, ple_input=None, forced=None, blocks=None):
         p = f"layers.{self.layer.index}"
         h = _put(capture, f"{p}.attn_input", self.attn_norm(x))
-        a = _put(capture, f"{p}.attn", self.attn(h, cos, sin, slots, valid, cache, shared))
+        a = _put(capture, f"{p}.attn", self.attn(h, cos, sin, slots, valid, cache, shared, blocks))
         x = self.after_attention(x, a)
         m = _put(capture, f"{p}.mlp", self.mlp(_put(capture, f"{p}.mlp_input", self.mlp_norm(x))))
         x = self.after_mlp(x, self.moe(x, m, capture, p, forced))
@@ -292,6 +297,14 @@ class Block(nn.Module):
 
 
 _LAYER_PROBE = re.compile(r"^layers\.(\d+)\.(\w+)$")
+
+
+def image_blocks(is_image: torch.Tensor) -> torch.Tensor:
+    """(B, T) bool -> (B, T) int: each maximal run of image tokens numbered 0, 1, … per row; text -1
+    (HF ``get_block_sequence_ids_for_mask``)."""
+    previous = F.pad(is_image, (1, 0), value=False)[:, :-1]
+    starts = is_image & ~previous
+    return torch.where(is_image, torch.cumsum(starts.int(), dim=1) - 1, -1)
 
 
 def _put(capture: dict | None, name: str, value: torch.Tensor) -> torch.Tensor:
@@ -327,6 +340,7 @@ class Gemma(nn.Module):
         with torch.device(device):
             self.embed = nn.Embedding(spec.vocab_size, spec.hidden_size)
             self.ple = PerLayerEmbeddings(spec) if spec.ple is not None else None
+            self.vision = Vision(spec.multimodal, spec.hidden_size) if spec.multimodal is not None else None
             self.layers = nn.ModuleList(Block(spec, layer) for layer in spec.layers)
             self.final_norm = RMSNorm(spec.hidden_size, spec)
             self.lm_head = None if spec.tie_embeddings else _linear(spec.hidden_size, spec.vocab_size)
@@ -352,9 +366,14 @@ class Gemma(nn.Module):
         capture: dict[str, torch.Tensor] | None = None,
         forced_routing: dict[int, torch.Tensor] | None = None,  # layer -> (B, T, K) expert ids to use
         with_logits: bool = True,
+        pixel_values: torch.Tensor | None = None,  # (images, 3, S, S): the images of the placeholder runs, in order
     ) -> torch.Tensor:
         """Logits (B, T, V) for the new tokens (or, ``with_logits=False``, the final norm's output (B, T, H),
-        for a caller that applies :meth:`head` a slice at a time); a ``cache`` makes it incremental."""
+        for a caller that applies :meth:`head` a slice at a time); a ``cache`` makes it incremental.
+
+        An image-text model replaces each image's run of placeholder tokens by its soft tokens (the
+        ``merge`` probe), filled in (row, position) order, and lets the tokens of one run attend to each
+        other in both directions."""
         self._check_ids(input_ids)
         b, t = input_ids.shape
         past = cache.seen if cache is not None else 0
@@ -362,7 +381,12 @@ class Gemma(nn.Module):
         positions = self._positions(position_ids, valid, cache)
         slots = torch.arange(past, past + t, device=input_ids.device)
 
-        x = _put(capture, "embed", self.embed(input_ids) * torch.tensor(self.spec.embed_scale, dtype=self.dtype))
+        x = _put(capture, "embed", self.embed(self._lookup_ids(input_ids)) * torch.tensor(self.spec.embed_scale, dtype=self.dtype))
+        blocks = None
+        if self.vision is not None:
+            soft = None if pixel_values is None else self.vision(pixel_values, capture)  # (I, N, H)
+            x = _put(capture, "merge", self.merge(input_ids, x, soft))
+            blocks = image_blocks(input_ids == self.spec.multimodal.image_token_id)
         ple = self.ple(input_ids, x) if self.ple is not None else None  # (B, T, L, P)
         tables = self._rope_tables(positions)
         shared: dict[int, tuple] = {}  # layer -> its (k, v, key slots, key validity), for KV-shared layers
@@ -371,11 +395,32 @@ class Gemma(nn.Module):
             layer = self.spec.layers[i]
             cos, sin = tables[(layer.head_dim, layer.rope)]
             x = block(x, cos, sin, slots, valid, cache, shared, capture,
-                      None if ple is None else ple[:, :, i], forced_routing.get(i))
+                      None if ple is None else ple[:, :, i], forced_routing.get(i), blocks)
         x = _put(capture, "final_norm", self.final_norm(_put(capture, "final_norm_input", x)))
         if cache is not None:
             cache.seen = past + t
         return _put(capture, "logits", self.head(x)) if with_logits else x
+
+    def merge(self, input_ids: torch.Tensor, embedded: torch.Tensor, soft: torch.Tensor | None) -> torch.Tensor:
+        """The text embedding (B, T, H) with the image placeholders replaced by the soft tokens (I, N, H), in
+        (row, position) order, unscaled (HF ``masked_scatter``). A count mismatch is a one-line error."""
+        placeholders = input_ids == self.spec.multimodal.image_token_id  # (B, T)
+        n = int(placeholders.sum())
+        given = 0 if soft is None else soft.shape[0] * soft.shape[1]
+        if n != given:
+            per = self.spec.multimodal.tokens_per_image
+            images = 0 if soft is None else soft.shape[0]
+            raise ValueError(f"{n} image placeholder tokens for {images} images x {per} soft tokens = {given}")
+        if soft is None:
+            return embedded
+        return embedded.masked_scatter(placeholders[..., None], soft.to(embedded.dtype))
+
+    def _lookup_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Ids for the embedding lookup: an image placeholder id outside the vocabulary looks up row 0 (HF)."""
+        mm = self.spec.multimodal
+        if mm is None or mm.image_token_id < self.spec.vocab_size:
+            return input_ids
+        return input_ids.masked_fill(input_ids == mm.image_token_id, 0)
 
     def head(self, x: torch.Tensor) -> torch.Tensor:
         """Logits of final-norm outputs x (..., H): the LM head (the tied embedding) and the final softcap."""
@@ -390,12 +435,14 @@ class Gemma(nn.Module):
 
     @torch.no_grad()
     def sublayer(self, probe: str, inputs: Mapping[str, torch.Tensor], attention_mask: torch.Tensor | None = None,
-                 position_ids: torch.Tensor | None = None, routing: torch.Tensor | None = None) -> torch.Tensor | None:
+                 position_ids: torch.Tensor | None = None, routing: torch.Tensor | None = None,
+                 input_ids: torch.Tensor | None = None) -> torch.Tensor | None:
         """This model's output of one sublayer probe (``layers.{i}.attn``, ``.mlp``, ``.moe``, ``.ple``, or
         ``final_norm``) computed on given inputs rather than on its own stream: ``inputs[probe + "_input"]``,
         shaped (B, T, ...) like the probe's input. A KV-shared layer's attention takes its keys and values
         from its donor's input, ``inputs[f"layers.{donor}.attn_input"]``; ``moe`` uses the expert choice
-        ``routing`` ((B, T, experts) dispatch weights). None for any other probe."""
+        ``routing`` ((B, T, experts) dispatch weights). An image-text model's attention needs ``input_ids``
+        (where the images are). None for any other probe."""
         x = inputs[probe + "_input"].to(self.dtype)
         if probe == "final_norm":
             return self.final_norm(x)
@@ -419,7 +466,12 @@ class Gemma(nn.Module):
             if layer.kv_donor is not None:
                 donor = inputs[f"layers.{layer.kv_donor}.attn_input"].to(self.dtype)
                 shared[layer.kv_donor] = self.layers[layer.kv_donor].attn._own_kv(donor, cos, sin, slots, valid, None)
-            return block.attn(x, cos, sin, slots, valid, None, shared)
+            blocks = None
+            if self.spec.multimodal is not None:
+                if input_ids is None:
+                    raise ValueError(f"{probe}: an image-text model's attention needs input_ids (where the images are)")
+                blocks = image_blocks(input_ids == self.spec.multimodal.image_token_id)
+            return block.attn(x, cos, sin, slots, valid, None, shared, blocks)
         return None
 
     @torch.no_grad()
@@ -434,7 +486,15 @@ class Gemma(nn.Module):
             ple_input = gelu(gate(after)) * per-layer input (from ``input_ids`` and ``embed``)
             out = layer scalar(after + post-PLE norm(``ple``))     final_norm_input = last ``out``
 
+        On an image-text model each vision probe is computed from the one before it (see
+        :meth:`Vision.stream`), ``merge`` from ``embed`` and ``vision.proj``, and layer 0 reads ``merge``.
+
         None for any other probe."""
+        value = lambda name: values[name].to(self.dtype)  # noqa: E731
+        if probe.startswith("vision."):
+            return self.vision.stream(probe, value) if self.vision is not None else None
+        if probe == "merge":
+            return self.merge(input_ids, value("embed"), value("vision.proj") if "vision.proj" in values else None)
         if probe == "final_norm_input":
             return values[f"layers.{self.spec.num_layers - 1}.out"].to(self.dtype)
         match = _LAYER_PROBE.match(probe)
@@ -442,8 +502,7 @@ class Gemma(nn.Module):
             return None
         i, kind = int(match.group(1)), match.group(2)
         block = self.layers[i]
-        value = lambda name: values[name].to(self.dtype)  # noqa: E731
-        prev = value("embed" if i == 0 else f"layers.{i - 1}.out")
+        prev = value(f"layers.{i - 1}.out" if i else "merge" if self.vision is not None else "embed")
         if kind == "attn_input":
             return block.attn_norm(prev)
         if kind not in ("mlp_input", "router_input", "moe_input", "ple_input", "out"):
@@ -473,6 +532,9 @@ class Gemma(nn.Module):
     def _check_ids(self, ids: torch.Tensor) -> None:
         if ids.dim() != 2:
             raise ValueError(f"input_ids must be (batch, tokens), got shape {tuple(ids.shape)}")
+        mm = self.spec.multimodal
+        if mm is not None and mm.image_token_id >= self.spec.vocab_size:
+            ids = ids.masked_fill(ids == mm.image_token_id, 0)
         if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= self.spec.vocab_size):
             bad = int(ids.max()) if int(ids.max()) >= self.spec.vocab_size else int(ids.min())
             raise ValueError(f"token id {bad} out of range [0, {self.spec.vocab_size}) for this model's vocabulary")

@@ -113,10 +113,18 @@ def attention_mask(
     key_slots: torch.Tensor,  # (S,)
     key_valid: torch.Tensor,  # (B, S) bool: False for padding
     window: int | None,
+    query_blocks: torch.Tensor | None = None,  # (B, T) image block id of each query token, -1 for text
+    key_blocks: torch.Tensor | None = None,  # (B, S)
 ) -> torch.Tensor:
-    """(B, 1, T, S): causal, within the window (W keys including the query itself), not padding."""
+    """(B, 1, T, S): causal — or, between tokens of the same image block, both directions — then within
+    the window (W keys including the query itself), not padding. On sliding layers the window still
+    applies inside a block: ``AND(window, OR(causal, same block))`` (HF ``create_masks_for_vision_model``,
+    ``models/gemma3/modeling_gemma3.py`` 697-754)."""
     q, k = query_slots[:, None], key_slots[None, :]
-    allowed = k <= q
+    allowed = (k <= q)[None]  # (1, T, S)
+    if query_blocks is not None:
+        same = (query_blocks[:, :, None] == key_blocks[:, None, :]) & (query_blocks[:, :, None] >= 0)
+        allowed = allowed | same  # (B, T, S)
     if window is not None:
         allowed = allowed & (k > q - window)
-    return allowed[None, None] & key_valid[:, None, None, :]
+    return allowed[:, None] & key_valid[:, None, None, :]

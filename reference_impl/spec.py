@@ -83,6 +83,53 @@ class PLESpec:
 
 
 @dataclass(frozen=True)
+class SiglipSpec:
+    """Gemma 3's vision tower (HF ``SiglipVisionModel``, no MAP head): a patch convolution plus a learned
+    position table, pre-LayerNorm encoder layers with biases, a final LayerNorm."""
+
+    image_size: int
+    patch_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    layer_norm_eps: float
+    activation: str
+
+    @property
+    def patches_per_side(self) -> int:
+        return self.image_size // self.patch_size
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+
+@dataclass(frozen=True)
+class MultimodalSpec:
+    """What an image-text model adds to its text decoder: a vision tower, a projector that pools its
+    output to ``tokens_per_image`` soft tokens, and the token ids that place them in the prompt. The
+    tokens of one image (one contiguous run of ``image_token_id``) attend to each other in both
+    directions; text stays causal."""
+
+    vision: SiglipSpec
+    tokens_per_image: int
+    image_token_id: int
+    boi_token_id: int
+    eoi_token_id: int
+    projector_eps: float  # the soft-embedding RMSNorm's eps (HF: vision_config.layer_norm_eps)
+
+    @property
+    def tokens_per_side(self) -> int:
+        return math.isqrt(self.tokens_per_image)
+
+    @property
+    def pool_kernel(self) -> int:
+        """The side of the average-pooling window over the patch grid (64 patches / 16 tokens = 4)."""
+        return self.vision.patches_per_side // self.tokens_per_side
+
+
+@dataclass(frozen=True)
 class LayerSpec:
     index: int
     attention: AttentionType
@@ -128,6 +175,8 @@ class ModelSpec:
     norm_pow: bool = False  # Gemma 4: x * pow(mean(x^2) + eps, -0.5) (bitwise unlike rsqrt)
     layer_scalar: bool = False  # Gemma 4: the residual stream is multiplied by a per-layer checkpoint scalar
     ple: PLESpec | None = None  # Gemma 4 E2B/E4B
+    multimodal: MultimodalSpec | None = None  # the towers of an image-text model (Gemma 3 4B/12B/27B)
+    gemma3n: Gemma3nSpec | None = None  # Gemma 3n: AltUp, LAuReL, activation sparsity (reference_impl.gemma3n)
     hf_config: Mapping[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     @property
@@ -415,9 +464,159 @@ def _derive_gemma4(f: _Fields) -> ModelSpec:
     return replace(spec, norm_offset=0.0, norm_pow=True, layer_scalar=True, ple=ple)
 
 
+def _siglip(f: _Fields) -> SiglipSpec:
+    if f.get("model_type", "siglip_vision_model") != "siglip_vision_model":
+        raise ConfigError(f"config field 'vision_config.model_type' is {f.get('model_type')!r}; Gemma 3 uses 'siglip_vision_model'")
+    if f.get("vision_use_head", False):
+        raise ConfigError("config field 'vision_config.vision_use_head' is true; Gemma 3's tower has no MAP head")
+    hidden, heads = f.int("hidden_size"), f.int("num_attention_heads")
+    if hidden % heads:
+        raise ConfigError(f"config field 'vision_config.hidden_size' ({hidden}) is not a multiple of 'num_attention_heads' ({heads})")
+    spec = SiglipSpec(
+        image_size=f.int("image_size"), patch_size=f.int("patch_size"), hidden_size=hidden,
+        intermediate_size=f.int("intermediate_size"), num_layers=f.int("num_hidden_layers"), num_heads=heads,
+        layer_norm_eps=f.positive("layer_norm_eps", 1e-6),
+        activation=_activation(f.get("hidden_act", "gelu_pytorch_tanh"), "vision_config.hidden_act"),
+    )
+    if spec.image_size % spec.patch_size:
+        raise ConfigError(f"config field 'vision_config.image_size' ({spec.image_size}) is not a multiple of 'patch_size' ({spec.patch_size})")
+    return spec
+
+
+def _sub_config(f: _Fields, key: str) -> _Fields:
+    value = f.get(key)
+    if not isinstance(value, Mapping):
+        raise ConfigError(f"config field {key!r} must be a mapping, got {value!r}")
+    return _Fields(value)
+
+
+def _derive_gemma3_multimodal(f: _Fields) -> ModelSpec:
+    """Gemma 3 image-text = the Gemma 3 text decoder of ``text_config`` + a SigLIP tower, a projector
+    (average pooling, soft-embedding RMSNorm, linear) and bidirectional attention inside each image."""
+    text = _sub_config(f, "text_config")
+    if text.get("model_type", "gemma3_text") != "gemma3_text":
+        raise ConfigError(f"config field 'text_config.model_type' is {text.get('model_type')!r}, expected 'gemma3_text'")
+    decoder = _derive_gemma3(_Fields({"model_type": "gemma3_text", **text.config}))
+    vision = _siglip(_sub_config(f, "vision_config"))
+    tokens = f.int("mm_tokens_per_image", 256)
+    side = math.isqrt(tokens)
+    if side * side != tokens or vision.patches_per_side % side:
+        raise ConfigError(f"config field 'mm_tokens_per_image' ({tokens}) must be a square whose side divides the "
+                          f"{vision.patches_per_side} patches per side")
+    mm = MultimodalSpec(
+        vision=vision, tokens_per_image=tokens,
+        image_token_id=f.int("image_token_index", 262144, minimum=0),
+        boi_token_id=f.int("boi_token_index", 255999, minimum=0),
+        eoi_token_id=f.int("eoi_token_index", 256000, minimum=0),
+        projector_eps=vision.layer_norm_eps,
+    )
+    return replace(decoder, multimodal=mm)
+
+
 _DERIVE = {
     "gemma": _derive_gemma,
     "gemma2": _derive_gemma2,
     "gemma3_text": _derive_gemma3,
     "gemma4_text": _derive_gemma4,
+    "gemma3": _derive_gemma3_multimodal,
 }
+
+
+@dataclass(frozen=True)
+class Gemma3nSpec:
+    """What Gemma 3n adds to the decoder (HF ``Gemma3nTextConfig``, ``configuration_gemma3n.py`` 121-127)."""
+
+    altup_num_inputs: int  # parallel residual streams; stream 0 is the scaled embedding
+    altup_active_idx: int  # the stream that goes through attention and the MLP
+    altup_coef_clip: float | None  # HF clamps the AltUp coefficients in training only: no effect at inference
+    altup_correct_scale: bool  # scale the corrected active stream by correct_output_scale (PLE gate input only)
+    laurel_rank: int  # LAuReL low-rank residual beside attention
+    activation_sparsity: tuple[float, ...]  # per layer: target sparsity of the MLP gate (0 = dense)
+
+
+# Gemma3nTextConfig's defaults (configuration_gemma3n.py 96-127) where they differ from what Gemma 4's derive
+# assumes for an absent field; the structural sizes stay required, as for every generation.
+_GEMMA3N_DEFAULTS = {
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 32_768,
+    "final_logit_softcapping": 30.0,
+    "hidden_size_per_layer_input": 256,
+    "vocab_size_per_layer_input": 262_144,
+    "num_kv_shared_layers": 15,
+    "altup_num_inputs": 4,
+    "altup_active_idx": 0,
+    "altup_coef_clip": 120.0,
+    "altup_correct_scale": True,
+    "laurel_rank": 64,
+}
+# Gemma 4 fields Gemma 3n does not have (HF ignores them): hidden from Gemma 4's derive, which then takes its
+# 3n-compatible defaults (no K=V, no MoE, no double-wide MLP, causal text).
+_GEMMA4_ONLY = ("global_head_dim", "attention_k_eq_v", "num_global_key_value_heads", "use_double_wide_mlp",
+                "enable_moe_block", "num_experts", "top_k_experts", "moe_intermediate_size",
+                "use_bidirectional_attention")
+
+
+def _per_layer(f: _Fields, key: str, n: int, check) -> tuple:
+    """A per-layer config list of ``n`` entries, each passing ``check`` (a scalar is repeated, as HF does for
+    ``intermediate_size``); a bad entry is a ConfigError naming ``key[i]``."""
+    value = f.get(key)
+    values = list(value) if isinstance(value, (list, tuple)) else None
+    if values is None or len(values) != n:
+        raise ConfigError(f"config field {key!r} must list {n} per-layer values, got {value!r}")
+    for i, v in enumerate(values):
+        if not check(v):
+            raise ConfigError(f"config field {key}[{i}] is {v!r}")
+    return tuple(values)
+
+
+def _derive_gemma3n(f: _Fields) -> ModelSpec:
+    """Gemma 3n = Gemma 4's ``x * w`` RMSNorm via ``pow``, scale-1 attention with QK- and V-norms, PLE and
+    KV-shared tail layers, minus Gemma 4's global head dim, K=V, MoE, double-wide MLP and layer scalar; plus
+    AltUp streams, LAuReL, activation sparsity and a per-layer MLP width. Its default layer pattern is 4:1
+    (global where ``(i + 1) % 5 == 0``, ``configuration_gemma3n.py`` 141-144), with no forced last global layer."""
+    f = _Fields({**_GEMMA3N_DEFAULTS, **f.config})
+    n = f.int("num_hidden_layers")
+    size = f.get("intermediate_size")
+    if size is None:
+        raise ConfigError("config field 'intermediate_size' is missing")
+    widths = _per_layer(
+        _Fields({"intermediate_size": [size] * n if not isinstance(size, (list, tuple)) else size}),
+        "intermediate_size", n, lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1,
+    )
+    sparsity = f.get("activation_sparsity_pattern")
+    if sparsity is None:  # configuration_gemma3n.py 146-150
+        sparsity = [0.95] * (10 if n > 10 else 0) + [0.0] * (n - (10 if n > 10 else 0))
+    sparsity = _per_layer(
+        _Fields({"activation_sparsity_pattern": sparsity}), "activation_sparsity_pattern", n,
+        lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and 0.0 <= v < 1.0,
+    )
+    default_types = ["full_attention" if (i + 1) % 5 == 0 else "sliding_attention" for i in range(n)]
+    gemma4 = _derive_gemma4(_Fields({
+        **f.without(*_GEMMA4_ONLY).config,
+        "intermediate_size": widths[0],  # each layer's own width is set below
+        "layer_types": f.get("layer_types", default_types),
+        "global_head_dim": f.int("head_dim", 256),  # one head dim on every layer
+    }))
+    if f.int("hidden_size") % f.int("num_attention_heads"):  # HF's validate_architecture refuses it
+        raise ConfigError(f"config field 'hidden_size' ({f.int('hidden_size')}) is not a multiple of "
+                          f"'num_attention_heads' ({f.int('num_attention_heads')})")
+    f.int("hidden_size_per_layer_input")  # Gemma 3n always has PLE: >= 1
+    inputs = f.int("altup_num_inputs")
+    active = f.int("altup_active_idx", minimum=0)
+    if active >= inputs:
+        raise ConfigError(f"config field 'altup_active_idx' ({active}) must be below 'altup_num_inputs' ({inputs})")
+    if not isinstance(f.get("altup_correct_scale"), bool):
+        raise ConfigError(f"config field 'altup_correct_scale' must be true or false, got {f.get('altup_correct_scale')!r}")
+    clip = f.float("altup_coef_clip")
+    if clip is not None and clip <= 0:
+        raise ConfigError(f"config field 'altup_coef_clip' must be a positive number, got {clip!r}")
+    extra = Gemma3nSpec(
+        altup_num_inputs=inputs, altup_active_idx=active, altup_coef_clip=clip,
+        altup_correct_scale=f.get("altup_correct_scale"), laurel_rank=f.int("laurel_rank"),
+        activation_sparsity=tuple(float(s) for s in sparsity),
+    )
+    spec = _with_layers(gemma4, intermediate_size=lambda layer: widths[layer.index])
+    return replace(spec, layer_scalar=False, gemma3n=extra)
+
+
+_DERIVE["gemma3n_text"] = _derive_gemma3n

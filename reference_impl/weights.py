@@ -15,6 +15,7 @@ from collections.abc import Mapping
 import torch
 
 from .model import Gemma
+from .siglip import vision_entries
 from .spec import LayerSpec, ModelSpec
 
 
@@ -93,7 +94,19 @@ def _entries(spec: ModelSpec) -> list[tuple[str, str, tuple[int, ...]]]:
     for layer in spec.layers:
         i = layer.index
         out += [(f"model.layers.{i}.{hf}", f"layers.{i}.{ref}", shape) for hf, ref, shape in _layer_entries(spec, layer)]
+    if spec.multimodal is not None:  # Gemma3ForConditionalGeneration: the decoder under model.language_model
+        out = [(TEXT_PREFIX + hf.removeprefix("model.") if hf.startswith("model.") else hf, ref, shape)
+               for hf, ref, shape in out]
+        out += vision_entries(spec.multimodal, spec.hidden_size)
     return out
+
+
+TEXT_PREFIX = "model.language_model."  # where an image-text checkpoint keeps its text decoder
+
+
+def embedding_name(spec: ModelSpec) -> str:
+    """The HF name of the token embedding (the tied LM head)."""
+    return (TEXT_PREFIX if spec.multimodal is not None else "model.") + "embed_tokens.weight"
 
 
 def name_map(spec: ModelSpec) -> dict[str, str]:
@@ -107,11 +120,14 @@ def expected_shapes(spec: ModelSpec) -> dict[str, tuple[int, ...]]:
 
 
 def count_parameters(spec: ModelSpec) -> dict[str, int]:
-    """Parameters a checkpoint carries: a tied embedding counted once, as the papers count. Gemma 4's
+    """Parameters a checkpoint carries: a tied embedding counted once, as the papers count (an image
+    projector with the embedding, a vision tower with the rest). Gemma 4's
     ``layer_scalar`` is a buffer in HF (one value per layer), not a parameter, and is not counted."""
     shapes = {k: v for k, v in expected_shapes(spec).items() if not k.endswith("layer_scalar")}
     numel = {name: _prod(shape) for name, shape in shapes.items()}
-    embedding = numel["model.embed_tokens.weight"] + numel.get("lm_head.weight", 0)
+    # the image projector counts as embedding, as the Gemma 3 report's Table 1 counts it
+    embedding = numel[embedding_name(spec)] + numel.get("lm_head.weight", 0) + sum(
+        n for name, n in numel.items() if name.startswith("model.multi_modal_projector."))
     total = sum(numel.values())
     return {"total": total, "embedding": embedding, "non_embedding": total - embedding}
 
@@ -127,8 +143,9 @@ def check_state_dict(spec: ModelSpec, state_dict: Mapping[str, torch.Tensor]) ->
     """Raise WeightError naming the first missing, unexpected or misshaped tensor."""
     shapes = expected_shapes(spec)
     tied_head = spec.tie_embeddings and "lm_head.weight" in state_dict
-    if tied_head and not torch.equal(state_dict["lm_head.weight"], state_dict.get("model.embed_tokens.weight", state_dict["lm_head.weight"])):
-        raise WeightError("tensor 'lm_head.weight' differs from 'model.embed_tokens.weight' but the config ties them")
+    embed = embedding_name(spec)
+    if tied_head and not torch.equal(state_dict["lm_head.weight"], state_dict.get(embed, state_dict["lm_head.weight"])):
+        raise WeightError(f"tensor 'lm_head.weight' differs from {embed!r} but the config ties them")
     missing = [name for name in shapes if name not in state_dict]
     if missing:
         raise WeightError(f"missing tensor {missing[0]!r} (expected shape {shapes[missing[0]]})" + _more(missing))

@@ -4,13 +4,19 @@ verdict that says what kind of operation is wrong."""
 from __future__ import annotations
 
 from harness.gate import conform
-from harness.probes import SUBLAYERS, locate
+from harness.probes import SUBLAYERS, is_media, locate
 
 # what the verdict says, by the kind of the first failing probe: a sublayer wrong on its own input, or
 # the operations between two probes
 BLAME = {kind: "computes wrongly on the right input" for kind in SUBLAYERS} | {
     f"{kind}_input": "input is wrong: the bug is between" for kind in SUBLAYERS} | {
-    "out": "the bug is between", "logits": "the bug is between", "embed": "the embedding is wrong"}
+    "out": "the bug is between", "logits": "the bug is between", "embed": "the embedding is wrong",
+    "merge": "the bug is between", "vision.embed": "the patch embedding is wrong"}
+
+
+def _blame(kind: str) -> str:
+    """What the verdict says for a first failing probe of this kind (image-path probes: between two probes)."""
+    return BLAME.get(kind) or ("the bug is between" if is_media(kind) else BLAME[kind])
 
 
 def explain(result) -> str:
@@ -28,4 +34,4 @@ def check_caught(cls, dtype: str) -> None:
     assert first.status == "fail", explain(result)
     assert first.name == cls.EXPECTED, f"{cls.__name__}: expected {cls.EXPECTED}, {explain(result)}"
     assert (first.layer, first.sublayer) == locate(cls.EXPECTED)
-    assert BLAME[first.sublayer] in first.note, explain(result)  # the verdict names the kind of wrong operation
+    assert _blame(first.sublayer) in first.note, explain(result)  # the verdict names the kind of wrong operation

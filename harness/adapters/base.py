@@ -18,6 +18,7 @@ from collections.abc import Callable, Mapping
 
 import torch
 
+from ..probes import is_media
 from ..synthetic import Batch
 
 
@@ -68,6 +69,11 @@ class Adapter:
     ``layers.{i}.out``
         the residual stream after layer i;
     ``final_norm_input`` / ``final_norm``, ``logits`` (required).
+
+    Image-text models (``batch.pixel_values`` given) add the image path, each shaped (images, tokens,
+    features), before ``embed``: ``vision.embed`` (patch embedding + positions), ``vision.layers.{i}.out``,
+    ``vision.post_norm``, ``vision.pool`` (pooled patch grid), ``vision.proj`` (the soft tokens); and
+    after it ``merge``, the embedded text with the soft tokens in place (what layer 0 reads).
 
     A sublayer whose ``*_input`` is given is judged *alone*: the reference reruns that sublayer on the
     candidate's own input, and the input itself is judged against the reference's stream, so the
@@ -231,6 +237,12 @@ def check_outputs(name: str, out, batch: Batch) -> dict[str, torch.Tensor]:
     for probe, value in out.items():
         if not isinstance(value, torch.Tensor):
             raise AdapterError(f"{name}: probe {probe!r} is {type(value).__name__}, expected a tensor")
+        if is_media(probe):  # (images, tokens, ...)
+            images = 0 if batch.pixel_values is None else batch.pixel_values.shape[0]
+            if value.dim() < 3 or value.shape[0] != images:
+                raise AdapterError(f"{name}: probe {probe!r} has shape {tuple(value.shape)}, expected "
+                                   f"(images {images}, tokens, features)")
+            continue
         if value.dim() < 2 or tuple(value.shape[:2]) != (b, t):
             raise AdapterError(f"{name}: probe {probe!r} has shape {tuple(value.shape)}, expected "
                                f"(batch {b}, tokens {t}, ...)")

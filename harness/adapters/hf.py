@@ -110,8 +110,13 @@ class HFCausalLMAdapter(Adapter):
         return {k: v for k, v in kwargs.items() if v is not None and (params is None or k in params)}
 
     def _hook_targets(self) -> dict[str, torch.nn.Module]:
-        """probe -> the module whose call gives it; ``*_input`` probes come from the same module's input."""
+        """probe -> the module whose call gives it; ``*_input`` probes come from the same module's input.
+        An image-text model (``model.model.language_model``) adds its image path (:meth:`_vision_targets`)."""
         inner = getattr(self.model, "model", None)
+        vision = {}
+        if getattr(inner, "language_model", None) is not None:
+            vision = self._vision_targets(inner)
+            inner = inner.language_model
         layers = getattr(inner, "layers", None)
         if inner is None or layers is None:
             self.unsupported = {**self.unsupported, "*": "model has no model.model.layers; only logits are compared"}
@@ -133,12 +138,35 @@ class HFCausalLMAdapter(Adapter):
             for attr, sub in (("router", "router"), ("experts", "moe"), ("per_layer_projection", "ple")):
                 if getattr(layer, attr, None) is not None:
                     targets[f"layers.{i}.{sub}"] = getattr(layer, attr)
+        return {**vision, **targets}
+
+    def _vision_targets(self, inner) -> dict[str, torch.nn.Module]:
+        """Gemma 3's image path: the SigLIP tower's embeddings, encoder layers and final LayerNorm, the
+        projector's pooling and the projector itself (``vision.*`` probes)."""
+        tower = getattr(inner, "vision_tower", None)
+        tower = getattr(tower, "vision_model", tower)  # older layouts nest the transformer one level down
+        projector = getattr(inner, "multi_modal_projector", None)
+        if tower is None or projector is None:
+            self.unsupported = {**self.unsupported, "vision.embed": "model.model has no vision_tower / multi_modal_projector"}
+            return {}
+        targets = {"vision.embed": tower.embeddings}
+        targets |= {f"vision.layers.{i}.out": layer for i, layer in enumerate(tower.encoder.layers)}
+        targets |= {"vision.post_norm": tower.post_layernorm, "vision.pool": projector.avg_pool, "vision.proj": projector}
         return targets
 
     @torch.no_grad()
     def run(self, batch: Batch) -> dict[str, torch.Tensor]:
-        captured, _ = self._forward(batch.input_ids, batch.attention_mask, batch.position_ids)
+        captured, _ = self._forward(batch.input_ids, batch.attention_mask, batch.position_ids, media=self._media(batch))
         return captured
+
+    def _media(self, batch: Batch) -> dict:
+        """An image batch's inputs as HF takes them: the pixels in the model's dtype, and ``token_type_ids``
+        (1 at image placeholders) without which HF keeps image tokens causal."""
+        if batch.pixel_values is None:
+            return {}
+        image_token = getattr(self.model.config, "image_token_id", None)
+        dtype = next(self.model.parameters()).dtype
+        return {"pixel_values": batch.pixel_values.to(dtype), "token_type_ids": (batch.input_ids == image_token).long()}
 
     @torch.no_grad()
     def decode(self, batch: Batch, chunks: list[int]) -> dict[str, torch.Tensor]:
@@ -191,13 +219,22 @@ class HFCausalLMAdapter(Adapter):
         return sum(t.nbytes for layer in layers for t in (getattr(layer, "keys", None), getattr(layer, "values", None))
                    if isinstance(t, torch.Tensor))
 
-    def _forward(self, ids, mask, positions, past=None, use_cache=False):
+    def _forward(self, ids, mask, positions, past=None, use_cache=False, media=None):
         captured: dict[str, torch.Tensor] = {}
         b, t = ids.shape
+        merged = getattr(getattr(self.model, "model", None), "language_model", None) is not None  # image-text
 
         def hook(name):
             def record(_module, args, kwargs, output):
                 x = _input(args, kwargs)
+                if name == "vision.pool":  # (images, C, side, side) -> (images, tokens, C)
+                    captured[name] = output.detach().flatten(2).transpose(1, 2)
+                    return
+                if name.startswith("vision."):
+                    captured[name] = _first(output).detach()
+                    return
+                if name == "layers.0.out" and merged:  # what layer 0 reads: the text with the soft tokens merged
+                    captured["merge"] = x.detach()
                 if name.endswith(".router"):  # (probs (N, E), weights (N, K), experts (N, K)) -> dispatch (B, T, E)
                     probs, weights, experts = output
                     dispatch = torch.zeros_like(probs).scatter(-1, experts, weights.to(probs.dtype))
@@ -216,7 +253,7 @@ class HFCausalLMAdapter(Adapter):
                    for name, module in self._hook_targets().items()]
         try:
             kwargs = {"attention_mask": mask, "position_ids": positions, "use_cache": use_cache,
-                      "past_key_values": past}
+                      "past_key_values": past, **(media or {})}
             out = self.model(input_ids=ids, **self._accepted(kwargs))
         finally:
             for handle in handles:

@@ -49,7 +49,7 @@ class ReferenceAdapter(Adapter):
         """All probes; `forced_routing` (layer -> (B, T, K) expert ids) makes MoE layers use those experts."""
         capture: dict[str, torch.Tensor] = {}
         self.model(batch.input_ids, batch.attention_mask, batch.position_ids, capture=capture,
-                   forced_routing=forced_routing, with_logits=not self.lazy_logits)
+                   forced_routing=forced_routing, with_logits=not self.lazy_logits, **batch.media)
         if self.lazy_logits:
             capture["logits"] = LazyLogits(capture["final_norm"], self.model.head, self.model.spec.vocab_size)
         return capture
@@ -101,4 +101,4 @@ class ReferenceAdapter(Adapter):
 
     def sublayer(self, probe: str, inputs, batch: Batch, routing: torch.Tensor | None = None) -> torch.Tensor | None:
         """The reference's output of sublayer `probe` on given inputs (see :meth:`Gemma.sublayer`)."""
-        return self.model.sublayer(probe, inputs, batch.attention_mask, batch.position_ids, routing)
+        return self.model.sublayer(probe, inputs, batch.attention_mask, batch.position_ids, routing, batch.input_ids)
