@@ -84,12 +84,29 @@ _HF_GEMMA4 = (
     "top_k_experts",
     "moe_intermediate_size",
 )
+_HF_GEMMA3N = (
+    "hidden_activation",
+    "final_logit_softcapping",
+    "sliding_window",
+    "layer_types",
+    "hidden_size_per_layer_input",
+    "vocab_size_per_layer_input",
+    "num_kv_shared_layers",
+    "activation_sparsity_pattern",
+    "altup_num_inputs",
+    "altup_active_idx",
+    "altup_coef_clip",
+    "altup_correct_scale",
+    "laurel_rank",
+)
 _HF_KEYS = {
     "gemma": _HF_COMMON + ("hidden_act",),
     "gemma2": _HF_COMMON + _HF_LOCAL_GLOBAL,
     "gemma3_text": _HF_COMMON + _HF_LOCAL_GLOBAL,
     "gemma4_text": _HF_COMMON + _HF_GEMMA4,
+    "gemma3n_text": _HF_COMMON + _HF_GEMMA3N,
 }
+_OTHER_TEXT_TYPES = {3: ("gemma3n_text",)}  # generation -> text model types beside its main one (Gemma 3n)
 
 
 class ConfigError(ValueError):
@@ -131,7 +148,7 @@ def _validate(path: Path, data: Any) -> None:
         _validate_multimodal(path, hf)
         return
     model_type = hf.get("model_type")
-    if model_type != _MODEL_TYPES[gen]:
+    if model_type != _MODEL_TYPES[gen] and model_type not in _OTHER_TEXT_TYPES.get(gen, ()):
         raise _fail(
             path,
             f"key 'hf_config.model_type' is {model_type!r}, expected {_MODEL_TYPES[gen]!r} for generation {gen}",

@@ -52,7 +52,11 @@ def for_spec(spec) -> list[str]:
     """Every probe of a model, in forward order: an image-text model's image path and the ``merge`` of its
     soft tokens into the embedded text; per layer the attention and the MLP (each input, then output), on
     MoE layers the router and the experts, on per-layer-embedding models the PLE branch, then the layer's
-    output stream."""
+    output stream. Gemma 3n's own probes: :mod:`harness.gemma3n_probes`."""
+    if getattr(spec, "gemma3n", None) is not None:
+        from . import gemma3n_probes
+
+        return gemma3n_probes.for_spec(spec)
     names = [*vision(spec), "embed"] + (["merge"] if getattr(spec, "multimodal", None) is not None else [])
     for layer in spec.layers:
         p = f"layers.{layer.index}"
@@ -86,6 +90,10 @@ def upstream_values(spec, name: str) -> list[str] | None:
     """The probes a stream probe is computed from (the reference recomputes it from the candidate's own
     values of these, so the operations between them are judged alone), or None for other probes. On the
     image path each probe is computed from the one before it."""
+    if getattr(spec, "gemma3n", None) is not None:
+        from . import gemma3n_probes
+
+        return gemma3n_probes.upstream_values(spec, name)
     path = vision(spec)
     if name in path[1:]:
         return [path[path.index(name) - 1]]
@@ -171,6 +179,12 @@ _IMAGE_PATH = {
 
 def blame(spec, name: str, isolated: bool) -> str:
     """One line naming the wrong operation when ``name`` is the first probe that fails."""
+    if getattr(spec, "gemma3n", None) is not None:
+        from . import gemma3n_probes
+
+        line = gemma3n_probes.blame(spec, name, isolated)
+        if line is not None:
+            return line
     if name == "vision.embed":
         return "the patch embedding is wrong (the patch convolution, the patch order or the learned position table)"
     if is_media(name) or name == "merge":

@@ -336,6 +336,8 @@ class PerLayerEmbeddings(nn.Module):
 class Gemma(nn.Module):
     def __init__(self, spec: ModelSpec, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
         super().__init__()
+        if spec.gemma3n is not None and type(self) is Gemma:
+            raise ValueError("a Gemma 3n spec builds reference_impl.gemma3n.Gemma3n (weights.build does), not Gemma")
         self.spec = spec
         with torch.device(device):
             self.embed = nn.Embedding(spec.vocab_size, spec.hidden_size)

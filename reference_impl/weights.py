@@ -116,6 +116,10 @@ def name_map(spec: ModelSpec) -> dict[str, str]:
 
 def expected_shapes(spec: ModelSpec) -> dict[str, tuple[int, ...]]:
     """HF tensor name -> shape, derived from the spec alone."""
+    if spec.gemma3n is not None:  # its own decoder class and name map
+        from .gemma3n import expected_shapes_gemma3n
+
+        return expected_shapes_gemma3n(spec)
     return {hf: shape for hf, _, shape in _entries(spec)}
 
 
@@ -204,5 +208,9 @@ def build(spec: ModelSpec, state_dict: Mapping[str, torch.Tensor], dtype: torch.
 
     Built on the meta device and filled by assignment: a tensor already in ``dtype`` is used as is (not
     copied; the reference never writes to its weights), any other is cast once. A full-size model then
-    costs one copy of its weights, not two."""
+    costs one copy of its weights, not two. A Gemma 3n spec builds :class:`reference_impl.gemma3n.Gemma3n`."""
+    if spec.gemma3n is not None:
+        from .gemma3n import build_gemma3n
+
+        return build_gemma3n(spec, state_dict, dtype)
     return load_state_dict(Gemma(spec, dtype=dtype, device="meta"), state_dict, assign=True).eval()

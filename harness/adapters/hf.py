@@ -111,7 +111,12 @@ class HFCausalLMAdapter(Adapter):
 
     def _hook_targets(self) -> dict[str, torch.nn.Module]:
         """probe -> the module whose call gives it; ``*_input`` probes come from the same module's input.
-        An image-text model (``model.model.language_model``) adds its image path (:meth:`_vision_targets`)."""
+        An image-text model (``model.model.language_model``) adds its image path (:meth:`_vision_targets`);
+        Gemma 3n has its own (:func:`harness.gemma3n_probes.hf_targets`)."""
+        if getattr(self.model.config, "model_type", None) == "gemma3n_text":
+            from ..gemma3n_probes import hf_targets
+
+            return hf_targets(self.model)
         inner = getattr(self.model, "model", None)
         vision = {}
         if getattr(inner, "language_model", None) is not None:
@@ -139,6 +144,15 @@ class HFCausalLMAdapter(Adapter):
                 if getattr(layer, attr, None) is not None:
                     targets[f"layers.{i}.{sub}"] = getattr(layer, attr)
         return {**vision, **targets}
+
+    def _method_probes(self, captured: dict, b: int, t: int):
+        """A context in which probes that are no module's output (Gemma 3n's AltUp ``predict`` / ``correct``
+        methods) are captured too: :func:`harness.gemma3n_probes.hf_method_probes`; else nothing."""
+        if getattr(self.model.config, "model_type", None) == "gemma3n_text":
+            from ..gemma3n_probes import hf_method_probes
+
+            return hf_method_probes(self.model, captured, b, t)
+        return contextlib.nullcontext()
 
     def _vision_targets(self, inner) -> dict[str, torch.nn.Module]:
         """Gemma 3's image path: the SigLIP tower's embeddings, encoder layers and final LayerNorm, the
@@ -254,7 +268,8 @@ class HFCausalLMAdapter(Adapter):
         try:
             kwargs = {"attention_mask": mask, "position_ids": positions, "use_cache": use_cache,
                       "past_key_values": past, **(media or {})}
-            out = self.model(input_ids=ids, **self._accepted(kwargs))
+            with self._method_probes(captured, b, t):
+                out = self.model(input_ids=ids, **self._accepted(kwargs))
         finally:
             for handle in handles:
                 handle.remove()
