@@ -32,9 +32,13 @@ __all__ = ["ConfigError", "CONFIG_DIR", "names", "load", "hf_config", "text_conf
 CONFIG_DIR = Path(__file__).resolve().parent
 
 _MODEL_TYPES = {1: "gemma", 2: "gemma2", 3: "gemma3_text", 4: "gemma4_text"}
-_MULTIMODAL_TYPES = {3: "gemma3"}  # generation -> the HF model type of its image-text models
-_BEYOND_CORE = {"gemma3", "gemma3n_text"}  # model types outside the core text decoders
-_HF_MULTIMODAL = ("vision_config", "mm_tokens_per_image", "image_token_index", "boi_token_index", "eoi_token_index")
+_MULTIMODAL_TYPES = {3: "gemma3", 4: "gemma4"}  # generation -> the HF model type of its image-text models
+_BEYOND_CORE = {"gemma3", "gemma4", "gemma3n_text"}  # model types outside the core text decoders
+_HF_MULTIMODAL = {
+    "gemma3": ("vision_config", "mm_tokens_per_image", "image_token_index", "boi_token_index", "eoi_token_index"),
+    "gemma4": ("vision_config", "audio_config", "image_token_id", "audio_token_id", "video_token_id", "boi_token_id",
+               "eoi_token_id", "boa_token_id", "eoa_token_index"),
+}
 
 _TOP_KEYS = ("name", "generation", "tiny_of", "description", "published_params", "hf_config")
 _PUBLISHED_KEYS = ("total", "embedding", "non_embedding", "tolerance", "source", "scope")
@@ -133,7 +137,9 @@ def _validate(path: Path, data: Any) -> None:
     if tiny_of is None:
         if not isinstance(pub, dict):
             raise _fail(path, "key 'published_params' must be an object for a released variant")
-        for key in _PUBLISHED_KEYS:
+        image_text = isinstance(data["hf_config"], dict) and data["hf_config"].get("model_type") == "gemma4"
+        # Gemma 4's image-text models are published as one total (no embedding split)
+        for key in ("total", "tolerance", "source", "scope") if image_text else _PUBLISHED_KEYS:
             if key not in pub:
                 raise _fail(path, f"missing required key 'published_params.{key}'")
     else:
@@ -166,7 +172,7 @@ def _validate(path: Path, data: Any) -> None:
 
 
 def _validate_multimodal(path: Path, hf: dict) -> None:
-    for key in _HF_MULTIMODAL:
+    for key in _HF_MULTIMODAL[hf["model_type"]]:
         if key not in hf:
             raise _fail(path, f"missing required key 'hf_config.{key}'")
     text = hf.get("text_config")

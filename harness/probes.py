@@ -36,10 +36,16 @@ def canonical(num_layers: int) -> list[str]:
 
 
 def vision(spec) -> list[str]:
-    """An image-text model's image path, in order; each probe is (images, tokens, features)."""
-    if getattr(spec, "multimodal", None) is None:
+    """An image-text model's media paths (image, then audio on Gemma 4 E2B/E4B), in order; each probe is
+    (items, tokens, features)."""
+    mm = getattr(spec, "multimodal", None)
+    if mm is None:
         return []
-    layers = [f"vision.layers.{i}.out" for i in range(spec.multimodal.vision.num_layers)]
+    if not hasattr(mm, "tokens_per_image"):  # Gemma 4
+        from reference_impl.media import probe_names
+
+        return probe_names(mm)
+    layers = [f"vision.layers.{i}.out" for i in range(mm.vision.num_layers)]
     return ["vision.embed", *layers, "vision.post_norm", "vision.pool", "vision.proj"]
 
 
@@ -95,10 +101,10 @@ def upstream_values(spec, name: str) -> list[str] | None:
 
         return gemma3n_probes.upstream_values(spec, name)
     path = vision(spec)
-    if name in path[1:]:
+    if name in path and name not in ("vision.embed", "audio.embed"):
         return [path[path.index(name) - 1]]
     if name == "merge":
-        return ["embed", "vision.proj"]
+        return ["embed", *(p for p in ("vision.proj", "audio.proj") if p in path)]
     if name == "final_norm_input":
         return [f"layers.{spec.num_layers - 1}.out"]
     layer, kind = locate(name)
@@ -113,7 +119,7 @@ def upstream_values(spec, name: str) -> list[str] | None:
         return prev + [f"{p}.attn"]
     branches = [f"{p}.attn", f"{p}.mlp"] + ([f"{p}.moe"] if spec.layers[layer].moe is not None else [])
     if kind == "ple_input":
-        return prev + branches + ["embed"]
+        return prev + branches + [first]
     return prev + branches + ([f"{p}.ple"] if spec.ple is not None else [])
 
 
@@ -149,6 +155,9 @@ def _between(spec, name: str) -> str:
         return _either(["the post-MLP norm" if sandwich else "", "the residual add",
                         "the post-PLE norm and its add" if spec.ple is not None else "",
                         "the layer scalar" if getattr(spec, "layer_scalar", False) else ""])
+    gemma4 = getattr(spec, "multimodal", None) is not None and not hasattr(spec.multimodal, "tokens_per_image")
+    if gemma4 and (name in _GEMMA4_MEDIA or name.startswith(("vision.layers.", "audio.layers."))):
+        return _GEMMA4_MEDIA.get(name) or _GEMMA4_MEDIA[name.split(".")[0] + ".layers"]
     if name in _IMAGE_PATH:
         return _IMAGE_PATH[name]
     if name.startswith("vision.layers."):
@@ -177,6 +186,22 @@ _IMAGE_PATH = {
 }
 
 
+_GEMMA4_MEDIA = {
+    "vision.layers": "the vision encoder layer (its sandwich norms, q/k norms and scale-free v norm, the 2D RoPE "
+                     "— first half of each head by the patch column, second by the row — the clipped linears, the "
+                     "padding mask, or the GeGLU MLP)",
+    "vision.pool": "the pooling (k x k average by patch position, x sqrt(width) in fp32, padding rows stripped) or the "
+                   "standardisation",
+    "vision.proj": "embed_vision (the scale-free RMSNorm or the projection to the text width)",
+    "audio.layers": "the conformer layer (its macaron feed-forwards x 0.5, the chunked local attention with relative "
+                    "positions, its softcap and masks, the light convolution, the clamps or the norms)",
+    "audio.out": "the audio tower's output projection (with its bias)",
+    "audio.proj": "embed_audio (the scale-free RMSNorm or the projection to the text width)",
+    "merge": "the merge of the soft tokens into the embedded text (images at the image tokens, audio at the audio "
+             "tokens, in order, not scaled by sqrt(hidden); the placeholders themselves look up the pad embedding)",
+}
+
+
 def blame(spec, name: str, isolated: bool) -> str:
     """One line naming the wrong operation when ``name`` is the first probe that fails."""
     if getattr(spec, "gemma3n", None) is not None:
@@ -187,6 +212,8 @@ def blame(spec, name: str, isolated: bool) -> str:
             return line
     if name == "vision.embed":
         return "the patch embedding is wrong (the patch convolution, the patch order or the learned position table)"
+    if name == "audio.embed":
+        return "the audio embedding is wrong (the subsampling convolutions, their norms and masks, or the input projection)"
     if is_media(name) or name == "merge":
         how = "" if isolated else " (not isolated: judged against the reference's own stream)"
         return f"the bug is between `{_upstream(spec, name)}` and `{name}` ({_between(spec, name)}){how}"

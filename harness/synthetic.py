@@ -80,6 +80,7 @@ def _is_post_norm(spec: ModelSpec, name: str) -> bool:
 def random_state_dict(spec: ModelSpec, seed: int = 0, conditioning: Conditioning = BITE) -> dict[str, torch.Tensor]:
     """fp32 tensors under HF names for every tensor the checkpoint carries."""
     c = conditioning
+    if spec.gemma3n is not None: return random_state_dict_gemma3n(spec, seed, conditioning)  # noqa: E701
     gen = torch.Generator().manual_seed(seed)
     state = {}
     for name, shape in expected_shapes(spec).items():
@@ -109,7 +110,9 @@ def random_state_dict(spec: ModelSpec, seed: int = 0, conditioning: Conditioning
     return state
 
 
-_TOWERS = ("model.vision_tower.", "model.multi_modal_projector.")
+_TOWERS = ("model.vision_tower.", "model.multi_modal_projector.", "model.embed_vision.", "model.audio_tower.",
+           "model.embed_audio.")
+_CLIP_BOUNDS = ("input_min", "input_max", "output_min", "output_max")
 
 
 def _tower_tensor(name: str, w: torch.Tensor, c: Conditioning) -> torch.Tensor:
@@ -119,6 +122,18 @@ def _tower_tensor(name: str, w: torch.Tensor, c: Conditioning) -> torch.Tensor:
     (the projector is (C, H_text), used as x @ W: its fan-in is its first dim), q/k at ``qk_gain``."""
     if name.endswith("mm_soft_emb_norm.weight"):  # Gemma RMSNorm: 1 + w
         return w * c.norm_std
+    if name.endswith(_CLIP_BOUNDS):  # Gemma 4 clipped linears: finite bounds that clip (HF's init: +-inf)
+        low = 0.4 if ("down_proj.input" in name or "o_proj.input" in name) else 1.0
+        bound = low * (1 + torch.sigmoid(w))  # w: a seeded N(0, 1) draw, so the bound lies in (low, 2 low)
+        return -bound if name.endswith("min") else bound
+    if name.endswith("position_embedding_table"):  # Gemma 4: (2, positions, C), x and y tables
+        return w * 0.35
+    if name.endswith(("q_norm.weight", "k_norm.weight")):  # Gemma 4 tower: scale 1.0, the gains set the temperature
+        return (1 + 0.15 * w) * w.shape[0] ** -0.25
+    if name.endswith("std_scale"):
+        return 1 + 0.1 * w
+    if name.endswith(("std_bias", "per_dim_scale")):
+        return w * 0.5
     if name.endswith("mm_input_projection_weight"):
         return w / math.sqrt(w.shape[0])
     if name.endswith("position_embedding.weight"):
@@ -143,6 +158,52 @@ def _gemma4_gain(name: str, w: torch.Tensor, shape, gen, c: Conditioning) -> tor
     return 1 + c.gain_std * w
 
 
+# Gemma 3n (x * w norms, as Gemma 4): post norms are the norms on a branch's output before it is added
+_3N_POST_NORMS = ("post_attention_layernorm.weight", "post_laurel_norm.weight", *_POST_NORMS)
+
+
+def random_state_dict_gemma3n(spec: ModelSpec, seed: int = 0, conditioning: Conditioning = BITE) -> dict[str, torch.Tensor]:
+    """fp32 tensors under HF ``Gemma3nForCausalLM`` names, none at HF's init (zeros and ones hide bugs).
+
+    As Gemma 4 (its norms scale by w): norm gains N(1, gain_std), q/k norm gains (1 + qk_norm_std N)·D^-¼,
+    the post norms (attention, LAuReL, MLP, PLE) at ``post_norm_gain``, matrices N(0, 1/fan_in), the tied
+    embedding at the logit scale. Gemma 3n's own tensors:
+
+    * AltUp ``modality_router`` N(0, 1)·sqrt(H): its input is normed and then times 1/H, so
+      the routed values have std ~1 and the tanh bends (std 1/sqrt(H) weights give ~0.02: the router,
+      and a port that drops its 1/H, would hardly matter);
+    * ``prediction_coefs`` / ``correction_coefs`` N(0, 0.15) in BITE (0.1 in TRAINED): each layer mixes the
+      streams by ~20 % (10 %), bounded over the layers;
+    * ``correct_output_scale`` U(0.5, 1.5) per channel (0 at HF's init; never 1, where dropping it passes);
+    * the per-layer table N(0, 1/P) (times sqrt(P) in the model: unit rows), its projections N(0, 1/fan_in);
+    * LAuReL's left/right N(0, 1/fan_in), its post-norm a post norm.
+    """
+    c = conditioning
+    gen = torch.Generator().manual_seed(seed)
+    h, p = spec.hidden_size, spec.ple.dim
+    coef_std = 0.1 if c.name == "trained" else 0.15
+    state = {}
+    for name, shape in expected_shapes(spec).items():
+        w = torch.randn(shape, generator=gen)
+        if name.endswith("correct_output_scale"):
+            w = 0.5 + torch.rand(shape, generator=gen)
+        elif len(shape) == 1:
+            w = _gemma4_gain(name, w, shape, gen, c)
+            w = w * c.post_norm_gain if name.endswith(_3N_POST_NORMS) else w
+        elif name in (embedding_name(spec), "lm_head.weight"):
+            w = w * c.logit_std / math.sqrt(h)
+        elif name.endswith("modality_router.weight"):
+            w = w * math.sqrt(h)
+        elif name.endswith(("prediction_coefs.weight", "correction_coefs.weight")):
+            w = w * coef_std
+        elif name.endswith("embed_tokens_per_layer.weight"):
+            w = w / math.sqrt(p)
+        else:  # q/k too: their norms follow, the attention's sharpness is in the norm gains
+            w = w / math.sqrt(shape[1])
+        state[name] = w
+    return state
+
+
 @dataclass
 class Batch:
     input_ids: torch.Tensor  # (B, T)
@@ -152,17 +213,31 @@ class Batch:
     # the row each one is in, (I,)
     pixel_values: torch.Tensor | None = None
     image_rows: torch.Tensor | None = None
+    # Gemma 4: each image's patch positions (I, P, 2), (-1, -1) on padding; audio clips' log-mel features
+    # (A, T, M), their frame mask (A, T) and the row each clip is in (A,)
+    image_position_ids: torch.Tensor | None = None
+    audio_features: torch.Tensor | None = None
+    audio_mask: torch.Tensor | None = None
+    audio_rows: torch.Tensor | None = None
 
     @property
     def media(self) -> dict[str, torch.Tensor]:
-        """The batch's media inputs, as keyword arguments (none for a text batch)."""
-        return {} if self.pixel_values is None else {"pixel_values": self.pixel_values}
+        """The batch's media inputs, as the reference takes them (none for a text batch)."""
+        names = ("pixel_values", "image_position_ids", "audio_features", "audio_mask")
+        return {name: getattr(self, name) for name in names if getattr(self, name) is not None}
 
     def _images_of(self, row: int) -> dict:
-        if self.pixel_values is None:
-            return {}
-        keep = self.image_rows == row
-        return {"pixel_values": self.pixel_values[keep], "image_rows": torch.zeros(int(keep.sum()), dtype=torch.long)}
+        out = {}
+        if self.pixel_values is not None:
+            keep = self.image_rows == row
+            out |= {"pixel_values": self.pixel_values[keep], "image_rows": torch.zeros(int(keep.sum()), dtype=torch.long)}
+            if self.image_position_ids is not None:
+                out["image_position_ids"] = self.image_position_ids[keep]
+        if self.audio_features is not None:
+            keep = self.audio_rows == row
+            out |= {"audio_features": self.audio_features[keep], "audio_mask": self.audio_mask[keep],
+                    "audio_rows": torch.zeros(int(keep.sum()), dtype=torch.long)}
+        return out
 
     @property
     def valid(self) -> torch.Tensor:
@@ -196,26 +271,101 @@ class Batch:
         if self.pixel_values is not None:
             per_row = torch.bincount(self.image_rows, minlength=b).tolist()
             images = f", images per row {per_row} ({'x'.join(map(str, self.pixel_values.shape[1:]))})"
+        if self.audio_features is not None:
+            per_row = torch.bincount(self.audio_rows, minlength=b).tolist()
+            frames = self.audio_mask.sum(1).tolist()
+            images += f", audio clips per row {per_row} ({frames} mel frames)"
         return f"batch {b} x {t} tokens, left padding per row {pads}{images}"
 
 
 def default_length(spec: ModelSpec) -> int:
     window = spec.max_window or 0
     length = max(MIN_LENGTH, 3 * window)
-    if spec.multimodal is not None:  # room for two images and text around them
+    if hasattr(spec.multimodal, "tokens_per_image"):  # room for two images and text around them
         length = max(length, 2 * (spec.multimodal.tokens_per_image + 2) + 14)
     return length
 
 
-def make_image(size: int, gen: torch.Generator) -> torch.Tensor:
-    """(3, size, size) in [-1, 1] (the processor's range): a colour gradient, a bright square, noise —
-    structure the pooling and the position table must keep in place."""
-    ramp = torch.linspace(-1, 1, size)
-    image = torch.stack([ramp[None, :].expand(size, size), ramp[:, None].expand(size, size),
-                         (ramp[None, :] * ramp[:, None])])
-    x0, y0 = (int(v) for v in torch.randint(0, size // 2, (2,), generator=gen))
-    image[:, y0:y0 + size // 4, x0:x0 + size // 4] = 0.9
+def make_image(size: int, gen: torch.Generator, width: int | None = None) -> torch.Tensor:
+    """(3, size, width or size) in [-1, 1] (Gemma 3's processor range): a colour gradient, a bright square,
+    noise — structure the pooling and the position tables must keep in place."""
+    h, w = size, width or size
+    across, down = torch.linspace(-1, 1, w)[None, :].expand(h, w), torch.linspace(-1, 1, h)[:, None].expand(h, w)
+    image = torch.stack([across, down, across * down])
+    y0, x0 = int(torch.randint(0, h // 2, (1,), generator=gen)), int(torch.randint(0, w // 2, (1,), generator=gen))
+    image[:, y0:y0 + h // 4, x0:x0 + w // 4] = 0.9
     return (image + 0.2 * torch.randn(image.shape, generator=gen)).clamp(-1, 1)
+
+
+def make_waveform(samples: int, gen: torch.Generator, rate: int = 16000) -> torch.Tensor:
+    """(samples,) float32: two tones, a chirp and noise, at most 0.9 in magnitude."""
+    t = torch.arange(samples) / rate
+    f0, f1 = (200 + 600 * torch.rand(2, generator=gen)).tolist()
+    wave = 0.4 * torch.sin(2 * torch.pi * f0 * t) + 0.3 * torch.sin(2 * torch.pi * (f1 + 2000 * t) * t)
+    return (wave + 0.05 * torch.randn(samples, generator=gen)).clamp(-0.9, 0.9)
+
+
+# Gemma 4 batches: images of these (height, width) in [0, 1] at the smallest soft-token budget, one
+# landscape and one square in row 0, one portrait in row 1 (aspect ratios that move the budget's
+# resize), and on audio models one clip per row (lengths in samples, not multiples of the hop)
+GEMMA4_IMAGES = ((40, 100, 0), (48, 48, 0), (60, 28, 1))
+GEMMA4_BUDGET = 70
+GEMMA4_CLIPS = ((7000, 0), (5210, 1))
+
+
+def _gemma4_media(spec: ModelSpec, gen) -> dict:
+    """The images and clips of a Gemma 4 batch, processed as HF's processor does, with their soft-token
+    counts and rows."""
+    from reference_impl import audio, gemma4_vision
+
+    mm = spec.multimodal
+    images = [(make_image(h, gen, w) + 1) / 2 for h, w, _ in GEMMA4_IMAGES]
+    pixels, positions, counts = gemma4_vision.images_to_batch(images, GEMMA4_BUDGET, mm.vision_config)
+    media = {"pixel_values": pixels, "image_position_ids": positions,
+             "image_rows": torch.tensor([row for _, _, row in GEMMA4_IMAGES]), "image_counts": counts}
+    if mm.audio_config is not None:
+        clips = [audio.log_mel_features(make_waveform(n, gen).numpy()) for n, _ in GEMMA4_CLIPS]
+        features, frame_mask = audio.batch_features(clips)
+        media |= {"audio_features": features, "audio_mask": frame_mask,
+                  "audio_rows": torch.tensor([row for _, row in GEMMA4_CLIPS]),
+                  "audio_counts": [audio.soft_token_count(n) for n, _ in GEMMA4_CLIPS]}
+    return media
+
+
+def _gemma4_layout(spec: ModelSpec, media: dict, left_pad: int) -> list[list[tuple[str, int]]]:
+    """Per row, the runs after BOS: ("text", n) or ("image" / "audio", soft tokens)."""
+    rows: list[list[tuple[str, int]]] = [[("text", 3)], [("text", 4)]]
+    for (_, _, row), n in zip(GEMMA4_IMAGES, media["image_counts"], strict=True):
+        rows[row] += [("image", n), ("text", 4)]
+    for (_, row), n in zip(GEMMA4_CLIPS, media.get("audio_counts", []), strict=False):
+        rows[row] += [("audio", n), ("text", 3)]
+    return rows
+
+
+def _gemma4_batch(spec: ModelSpec, gen, left_pad: int) -> Batch:
+    mm = spec.multimodal
+    media = _gemma4_media(spec, gen)
+    layout = _gemma4_layout(spec, media, left_pad)
+    needs = [1 + sum(n + (2 if kind != "text" else 0) for kind, n in runs) for runs in layout]
+    length = max(default_length(spec), needs[0] + 2, needs[1] + left_pad + 2)
+    ids = torch.randint(0, min(mm.placeholder_ids + (mm.boi_token_id, mm.boa_token_id)), (2, length), generator=gen)
+    mask = torch.ones(2, length, dtype=torch.long)
+    ids[1, :left_pad], mask[1, :left_pad] = spec.pad_token_id or 0, 0
+    wrap = {"image": (mm.boi_token_id, mm.image_token_id, mm.eoi_token_id),
+            "audio": (mm.boa_token_id, mm.audio_token_id, mm.eoa_token_id)}
+    for row, runs in enumerate(layout):
+        at = left_pad if row else 0
+        ids[row, at] = spec.bos_token_id if spec.bos_token_id is not None else 2
+        at += 1
+        for kind, n in runs:
+            if kind != "text":
+                begin, token, end = wrap[kind]
+                ids[row, at], ids[row, at + 1:at + 1 + n], ids[row, at + 1 + n] = begin, token, end
+                n += 2
+            at += n
+    positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
+    keep = {k: v for k, v in media.items() if not k.endswith("_counts")}
+    return Batch(ids, mask, positions, **keep)
 
 
 def _place_images(spec: ModelSpec, ids: torch.Tensor, mask: torch.Tensor, gen) -> tuple[torch.Tensor, torch.Tensor]:
@@ -237,7 +387,11 @@ def _place_images(spec: ModelSpec, ids: torch.Tensor, mask: torch.Tensor, gen) -
 
 
 def make_batch(spec: ModelSpec, seed: int = 0, length: int | None = None, left_pad: int = LEFT_PAD) -> Batch:
-    """Row 0: BOS + random ids over the whole vocabulary. Row 1: `left_pad` pad tokens, then the same."""
+    """Row 0: BOS + random ids over the whole vocabulary. Row 1: `left_pad` pad tokens, then the same.
+    Image-text models: images (and audio clips) placed in both rows, see :func:`_place_images` and
+    :data:`GEMMA4_IMAGES`."""
+    if spec.multimodal is not None and not hasattr(spec.multimodal, "tokens_per_image"):
+        return _gemma4_batch(spec, torch.Generator().manual_seed(seed + 1), left_pad)
     length = length or default_length(spec)
     gen = torch.Generator().manual_seed(seed + 1)
     ids = torch.randint(0, spec.vocab_size, (2, length), generator=gen)

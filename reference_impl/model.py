@@ -27,7 +27,7 @@ from torch import nn
 from . import ops
 from .cache import KVCache
 from .siglip import Vision
-from .spec import LayerSpec, ModelSpec, MoESpec
+from .spec import SLIDING, Gemma4MediaSpec, LayerSpec, ModelSpec, MoESpec, MultimodalSpec
 
 
 class RMSNorm(nn.Module):
@@ -342,7 +342,13 @@ class Gemma(nn.Module):
         with torch.device(device):
             self.embed = nn.Embedding(spec.vocab_size, spec.hidden_size)
             self.ple = PerLayerEmbeddings(spec) if spec.ple is not None else None
-            self.vision = Vision(spec.multimodal, spec.hidden_size) if spec.multimodal is not None else None
+            mm = spec.multimodal
+            self.vision = Vision(mm, spec.hidden_size) if isinstance(mm, MultimodalSpec) else None
+            self.media = None
+            if isinstance(mm, Gemma4MediaSpec):
+                from .media import Gemma4Media
+
+                self.media = Gemma4Media(mm, spec.hidden_size, dtype)
             self.layers = nn.ModuleList(Block(spec, layer) for layer in spec.layers)
             self.final_norm = RMSNorm(spec.hidden_size, spec)
             self.lm_head = None if spec.tie_embeddings else _linear(spec.hidden_size, spec.vocab_size)
@@ -350,6 +356,8 @@ class Gemma(nn.Module):
         # RoPE tables: fp32, one per distinct (head_dim, rope); never rounded to the model dtype. A model
         # built on the meta device (to be filled by assignment) keeps its tables on the CPU.
         table_device = "cpu" if torch.device(device).type == "meta" else device
+        if self.media is not None:
+            self.media.keep_fp32_tables(table_device)
         self._inv_freq = {
             key: ops.rope_inv_freq(key[0], key[1].theta, key[1].linear_factor, key[1].rotary_fraction).to(table_device)
             for key in {(layer.head_dim, layer.rope) for layer in spec.layers}
@@ -369,6 +377,7 @@ class Gemma(nn.Module):
         forced_routing: dict[int, torch.Tensor] | None = None,  # layer -> (B, T, K) expert ids to use
         with_logits: bool = True,
         pixel_values: torch.Tensor | None = None,  # (images, 3, S, S): the images of the placeholder runs, in order
+        **media: torch.Tensor | None,  # Gemma 4: image_position_ids, audio_features, audio_mask (reference_impl.media)
     ) -> torch.Tensor:
         """Logits (B, T, V) for the new tokens (or, ``with_logits=False``, the final norm's output (B, T, H),
         for a caller that applies :meth:`head` a slice at a time); a ``cache`` makes it incremental.
@@ -383,13 +392,16 @@ class Gemma(nn.Module):
         positions = self._positions(position_ids, valid, cache)
         slots = torch.arange(past, past + t, device=input_ids.device)
 
-        x = _put(capture, "embed", self.embed(self._lookup_ids(input_ids)) * torch.tensor(self.spec.embed_scale, dtype=self.dtype))
-        blocks = None
+        lookup = self._lookup_ids(input_ids)
+        x = _put(capture, "embed", self.embed(lookup) * torch.tensor(self.spec.embed_scale, dtype=self.dtype))
         if self.vision is not None:
             soft = None if pixel_values is None else self.vision(pixel_values, capture)  # (I, N, H)
             x = _put(capture, "merge", self.merge(input_ids, x, soft))
-            blocks = image_blocks(input_ids == self.spec.multimodal.image_token_id)
-        ple = self.ple(input_ids, x) if self.ple is not None else None  # (B, T, L, P)
+        elif self.media is not None:
+            rows = self.media(capture, pixel_values=pixel_values, **media)
+            x = _put(capture, "merge", self.merge_rows(input_ids, x, rows))
+        blocks = self._blocks(input_ids)
+        ple = self.ple(lookup, x) if self.ple is not None else None  # (B, T, L, P): placeholders read the pad row
         tables = self._rope_tables(positions)
         shared: dict[int, tuple] = {}  # layer -> its (k, v, key slots, key validity), for KV-shared layers
         forced_routing = forced_routing or {}
@@ -397,7 +409,7 @@ class Gemma(nn.Module):
             layer = self.spec.layers[i]
             cos, sin = tables[(layer.head_dim, layer.rope)]
             x = block(x, cos, sin, slots, valid, cache, shared, capture,
-                      None if ple is None else ple[:, :, i], forced_routing.get(i), blocks)
+                      None if ple is None else ple[:, :, i], forced_routing.get(i), self._layer_blocks(blocks, layer))
         x = _put(capture, "final_norm", self.final_norm(_put(capture, "final_norm_input", x)))
         if cache is not None:
             cache.seen = past + t
@@ -417,9 +429,39 @@ class Gemma(nn.Module):
             return embedded
         return embedded.masked_scatter(placeholders[..., None], soft.to(embedded.dtype))
 
-    def _lookup_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """Ids for the embedding lookup: an image placeholder id outside the vocabulary looks up row 0 (HF)."""
+    def merge_rows(self, input_ids: torch.Tensor, embedded: torch.Tensor, rows: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Gemma 4: the image placeholders replaced by the images' soft tokens (n, H), the audio ones by the
+        clips' (HF ``masked_scatter``, unscaled). A count mismatch is a one-line error."""
         mm = self.spec.multimodal
+        for kind, token in (("image", mm.image_token_id), ("audio", mm.audio_token_id)):
+            placeholders = input_ids == token
+            n, given = int(placeholders.sum()), (rows[kind].shape[0] if kind in rows else 0)
+            if n != given:
+                raise ValueError(f"{n} {kind} placeholder tokens for {given} {kind} soft tokens")
+            if given:
+                embedded = embedded.masked_scatter(placeholders[..., None], rows[kind].to(embedded.dtype))
+        return embedded
+
+    def _blocks(self, input_ids: torch.Tensor) -> torch.Tensor | None:
+        """(B, T) image block ids (-1 elsewhere) where images attend bidirectionally, else None."""
+        mm = self.spec.multimodal
+        if mm is None or mm.bidirectional == "none":
+            return None
+        return image_blocks(torch.isin(input_ids, torch.tensor(mm.block_ids)))
+
+    def _layer_blocks(self, blocks: torch.Tensor | None, layer) -> torch.Tensor | None:
+        """The blocks a layer honours: every layer (Gemma 3), or the sliding ones only (Gemma 4)."""
+        if blocks is None or (self.spec.multimodal.bidirectional == "sliding" and layer.attention != SLIDING):
+            return None
+        return blocks
+
+    def _lookup_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Ids for the embedding lookup: Gemma 3's image placeholder id outside the vocabulary looks up row 0;
+        Gemma 4's placeholders (image, video, audio) all look up the pad token (HF)."""
+        mm = self.spec.multimodal
+        if isinstance(mm, Gemma4MediaSpec):
+            pad = self.spec.pad_token_id or 0
+            return input_ids.masked_fill(torch.isin(input_ids, torch.tensor(mm.placeholder_ids)), pad)
         if mm is None or mm.image_token_id < self.spec.vocab_size:
             return input_ids
         return input_ids.masked_fill(input_ids == mm.image_token_id, 0)
@@ -472,12 +514,13 @@ class Gemma(nn.Module):
             if self.spec.multimodal is not None:
                 if input_ids is None:
                     raise ValueError(f"{probe}: an image-text model's attention needs input_ids (where the images are)")
-                blocks = image_blocks(input_ids == self.spec.multimodal.image_token_id)
+                blocks = self._layer_blocks(self._blocks(input_ids), layer)
             return block.attn(x, cos, sin, slots, valid, None, shared, blocks)
         return None
 
     @torch.no_grad()
-    def stream(self, probe: str, values: Mapping[str, torch.Tensor], input_ids: torch.Tensor) -> torch.Tensor | None:
+    def stream(self, probe: str, values: Mapping[str, torch.Tensor], input_ids: torch.Tensor,
+               **media: torch.Tensor | None) -> torch.Tensor | None:
         """This model's value of a stream probe computed from given upstream probe values instead of its
         own stream: the operations *between* two probes, alone. With prev = ``layers.{i-1}.out`` (or
         ``embed``), mid = prev + post-attention norm(``attn``), after = mid + post-MLP norm(``mlp``, mixed
@@ -493,8 +536,14 @@ class Gemma(nn.Module):
 
         None for any other probe."""
         value = lambda name: values[name].to(self.dtype)  # noqa: E731
+        if self.media is not None and probe.startswith(("vision.", "audio.")):
+            return self.media.stream(probe, value, **media)
         if probe.startswith("vision."):
             return self.vision.stream(probe, value) if self.vision is not None else None
+        if probe == "merge" and self.media is not None:
+            rows = {kind: self.media.kept_rows(kind, value(f"{path}.proj"), **media)
+                    for kind, path in (("image", "vision"), ("audio", "audio")) if f"{path}.proj" in values}
+            return self.merge_rows(input_ids, value("embed"), rows)
         if probe == "merge":
             return self.merge(input_ids, value("embed"), value("vision.proj") if "vision.proj" in values else None)
         if probe == "final_norm_input":
@@ -504,7 +553,7 @@ class Gemma(nn.Module):
             return None
         i, kind = int(match.group(1)), match.group(2)
         block = self.layers[i]
-        prev = value(f"layers.{i - 1}.out" if i else "merge" if self.vision is not None else "embed")
+        prev = value(f"layers.{i - 1}.out" if i else "merge" if self.spec.multimodal is not None else "embed")
         if kind == "attn_input":
             return block.attn_norm(prev)
         if kind not in ("mlp_input", "router_input", "moe_input", "ple_input", "out"):
@@ -519,7 +568,8 @@ class Gemma(nn.Module):
         experts_out = value(f"layers.{i}.moe") if isinstance(block.moe, MoE) else None
         after = block.after_mlp(mid, block.moe.mix(value(f"layers.{i}.mlp"), experts_out))
         if kind == "ple_input":
-            return block.ple.gated(after, self.ple(input_ids, value("embed"))[:, :, i])
+            context = value("merge") if self.media is not None else value("embed")
+            return block.ple.gated(after, self.ple(self._lookup_ids(input_ids), context)[:, :, i])
         if isinstance(block.ple, PerLayerInput):
             after = block.ple.add(after, value(f"layers.{i}.ple"))
         return block.layer_scalar(after)
@@ -534,9 +584,8 @@ class Gemma(nn.Module):
     def _check_ids(self, ids: torch.Tensor) -> None:
         if ids.dim() != 2:
             raise ValueError(f"input_ids must be (batch, tokens), got shape {tuple(ids.shape)}")
-        mm = self.spec.multimodal
-        if mm is not None and mm.image_token_id >= self.spec.vocab_size:
-            ids = ids.masked_fill(ids == mm.image_token_id, 0)
+        if self.spec.multimodal is not None:
+            ids = self._lookup_ids(ids)
         if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= self.spec.vocab_size):
             bad = int(ids.max()) if int(ids.max()) >= self.spec.vocab_size else int(ids.min())
             raise ValueError(f"token id {bad} out of range [0, {self.spec.vocab_size}) for this model's vocabulary")

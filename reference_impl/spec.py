@@ -128,6 +128,57 @@ class MultimodalSpec:
         """The side of the average-pooling window over the patch grid (64 patches / 16 tokens = 4)."""
         return self.vision.patches_per_side // self.tokens_per_side
 
+    # what every image-text spec says (Gemma 3 and Gemma 4 alike)
+    bidirectional = "all"  # image blocks see themselves both ways on every layer
+    audio = None
+
+    @property
+    def placeholder_ids(self) -> tuple[int, ...]:
+        return (self.image_token_id,)
+
+    @property
+    def block_ids(self) -> tuple[int, ...]:
+        """Token ids whose contiguous runs are bidirectional blocks."""
+        return (self.image_token_id,)
+
+
+@dataclass(frozen=True)
+class Gemma4MediaSpec:
+    """What a Gemma 4 image(-audio)-text model adds to its text decoder. The towers read their HF
+    sub-configs (``reference_impl.gemma4_vision``, ``reference_impl.audio``); placeholders look up the
+    pad embedding (and the pad row of the per-layer table) before the soft tokens replace them; with
+    ``use_bidirectional_attention: "vision"`` (26B/31B) the tokens of one image see each other both ways
+    on sliding layers only, global layers stay causal (HF ``create_masks_for_vision_model``,
+    ``models/gemma4/modeling_gemma4.py`` 2150-2209); audio stays causal."""
+
+    vision_config: Mapping[str, Any] | None = field(compare=False)
+    audio_config: Mapping[str, Any] | None = field(compare=False)
+    image_token_id: int
+    audio_token_id: int
+    video_token_id: int
+    boi_token_id: int
+    eoi_token_id: int
+    boa_token_id: int
+    eoa_token_id: int
+    bidirectional: str  # "sliding" (image blocks, sliding layers only) or "none"
+    tower_config: Mapping[str, Any] = field(compare=False, repr=False, default_factory=dict)  # the whole HF config
+
+    @property
+    def vision(self) -> Mapping[str, Any] | None:
+        return self.vision_config
+
+    @property
+    def audio(self) -> Mapping[str, Any] | None:
+        return self.audio_config
+
+    @property
+    def placeholder_ids(self) -> tuple[int, ...]:
+        return (self.image_token_id, self.video_token_id, self.audio_token_id)
+
+    @property
+    def block_ids(self) -> tuple[int, ...]:
+        return (self.image_token_id, self.video_token_id)
+
 
 @dataclass(frozen=True)
 class LayerSpec:
@@ -175,7 +226,7 @@ class ModelSpec:
     norm_pow: bool = False  # Gemma 4: x * pow(mean(x^2) + eps, -0.5) (bitwise unlike rsqrt)
     layer_scalar: bool = False  # Gemma 4: the residual stream is multiplied by a per-layer checkpoint scalar
     ple: PLESpec | None = None  # Gemma 4 E2B/E4B
-    multimodal: MultimodalSpec | None = None  # the towers of an image-text model (Gemma 3 4B/12B/27B)
+    multimodal: MultimodalSpec | Gemma4MediaSpec | None = None  # the towers of an image-text model
     gemma3n: Gemma3nSpec | None = None  # Gemma 3n: AltUp, LAuReL, activation sparsity (reference_impl.gemma3n)
     hf_config: Mapping[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
@@ -513,12 +564,43 @@ def _derive_gemma3_multimodal(f: _Fields) -> ModelSpec:
     return replace(decoder, multimodal=mm)
 
 
+def _derive_gemma4_multimodal(f: _Fields) -> ModelSpec:
+    """Gemma 4 image(-audio)-text = the Gemma 4 text decoder of ``text_config`` + a vision tower (and, on
+    E2B/E4B, an audio tower), each with its projector; ``use_bidirectional_attention: "vision"`` makes
+    each image a bidirectional block on the sliding layers."""
+    text = _sub_config(f, "text_config")
+    if text.get("model_type", "gemma4_text") != "gemma4_text":
+        raise ConfigError(f"config field 'text_config.model_type' is {text.get('model_type')!r}, expected 'gemma4_text'")
+    bidirectional = text.get("use_bidirectional_attention")
+    if bidirectional not in (None, "vision"):
+        raise ConfigError(f"config field 'text_config.use_bidirectional_attention' is {bidirectional!r}; "
+                          "image-text Gemma 4 uses null or 'vision'")
+    decoder = _derive_gemma4(_Fields({"model_type": "gemma4_text", **text.config}))
+    towers = {key: f.get(key) for key in ("vision_config", "audio_config")}
+    for key, value in towers.items():
+        if value is not None and not isinstance(value, Mapping):
+            raise ConfigError(f"config field {key!r} must be a mapping or null, got {value!r}")
+    if towers["vision_config"] is None:
+        raise ConfigError("config field 'vision_config' is missing: every image-text Gemma 4 has a vision tower")
+    ids = {field_name: f.int(key, default, minimum=0) for field_name, key, default in (
+        ("image_token_id", "image_token_id", 258880), ("audio_token_id", "audio_token_id", 258881),
+        ("video_token_id", "video_token_id", 258884), ("boi_token_id", "boi_token_id", 255999),
+        ("eoi_token_id", "eoi_token_id", 258882), ("boa_token_id", "boa_token_id", 256000),
+        ("eoa_token_id", "eoa_token_index", 258883))}  # HF spells the last one *_index
+    media = Gemma4MediaSpec(vision_config=dict(towers["vision_config"]),
+                            audio_config=None if towers["audio_config"] is None else dict(towers["audio_config"]),
+                            bidirectional="sliding" if bidirectional == "vision" else "none",
+                            tower_config=dict(f.config), **ids)
+    return replace(decoder, multimodal=media)
+
+
 _DERIVE = {
     "gemma": _derive_gemma,
     "gemma2": _derive_gemma2,
     "gemma3_text": _derive_gemma3,
     "gemma4_text": _derive_gemma4,
     "gemma3": _derive_gemma3_multimodal,
+    "gemma4": _derive_gemma4_multimodal,
 }
 
 

@@ -16,7 +16,7 @@ import torch
 
 from .model import Gemma
 from .siglip import vision_entries
-from .spec import LayerSpec, ModelSpec
+from .spec import Gemma4MediaSpec, LayerSpec, ModelSpec
 
 
 class WeightError(ValueError):
@@ -97,7 +97,12 @@ def _entries(spec: ModelSpec) -> list[tuple[str, str, tuple[int, ...]]]:
     if spec.multimodal is not None:  # Gemma3ForConditionalGeneration: the decoder under model.language_model
         out = [(TEXT_PREFIX + hf.removeprefix("model.") if hf.startswith("model.") else hf, ref, shape)
                for hf, ref, shape in out]
-        out += vision_entries(spec.multimodal, spec.hidden_size)
+        if isinstance(spec.multimodal, Gemma4MediaSpec):
+            from .media import media_entries
+
+            out += media_entries(spec.multimodal, spec.hidden_size)
+        else:
+            out += vision_entries(spec.multimodal, spec.hidden_size)
     return out
 
 
@@ -123,11 +128,16 @@ def expected_shapes(spec: ModelSpec) -> dict[str, tuple[int, ...]]:
     return {hf: shape for hf, _, shape in _entries(spec)}
 
 
+# checkpoint tensors HF holds as buffers, not parameters: Gemma 4's layer scalar, its towers' clip bounds and
+# the vision tower's standardisation vectors
+_BUFFERS = ("layer_scalar", "input_min", "input_max", "output_min", "output_max", "std_bias", "std_scale")
+
+
 def count_parameters(spec: ModelSpec) -> dict[str, int]:
     """Parameters a checkpoint carries: a tied embedding counted once, as the papers count (an image
     projector with the embedding, a vision tower with the rest). Gemma 4's
     ``layer_scalar`` is a buffer in HF (one value per layer), not a parameter, and is not counted."""
-    shapes = {k: v for k, v in expected_shapes(spec).items() if not k.endswith("layer_scalar")}
+    shapes = {k: v for k, v in expected_shapes(spec).items() if not k.endswith(_BUFFERS)}
     numel = {name: _prod(shape) for name, shape in shapes.items()}
     # the image projector counts as embedding, as the Gemma 3 report's Table 1 counts it
     embedding = numel[embedding_name(spec)] + numel.get("lm_head.weight", 0) + sum(

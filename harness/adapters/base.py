@@ -237,11 +237,12 @@ def check_outputs(name: str, out, batch: Batch) -> dict[str, torch.Tensor]:
     for probe, value in out.items():
         if not isinstance(value, torch.Tensor):
             raise AdapterError(f"{name}: probe {probe!r} is {type(value).__name__}, expected a tensor")
-        if is_media(probe):  # (images, tokens, ...)
-            images = 0 if batch.pixel_values is None else batch.pixel_values.shape[0]
-            if value.dim() < 3 or value.shape[0] != images:
+        if is_media(probe):  # (images or clips, tokens, ...)
+            kind, given = ("clips", batch.audio_features) if probe.startswith("audio.") else ("images", batch.pixel_values)
+            items = 0 if given is None else given.shape[0]
+            if value.dim() < 3 or value.shape[0] != items:
                 raise AdapterError(f"{name}: probe {probe!r} has shape {tuple(value.shape)}, expected "
-                                   f"(images {images}, tokens, features)")
+                                   f"({kind} {items}, tokens, features)")
             continue
         if value.dim() < 2 or tuple(value.shape[:2]) != (b, t):
             raise AdapterError(f"{name}: probe {probe!r} has shape {tuple(value.shape)}, expected "

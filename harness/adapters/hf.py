@@ -39,7 +39,9 @@ def hf_config_object(hf_config: Mapping):
 
 
 def _first(output):
-    return output[0] if isinstance(output, (tuple, list)) else output
+    if isinstance(output, (tuple, list)):
+        return output[0]
+    return getattr(output, "last_hidden_state", output)  # a ModelOutput (e.g. Gemma 4's vision tower)
 
 
 def _input(args, kwargs):
@@ -47,6 +49,22 @@ def _input(args, kwargs):
     if args:
         return args[0]
     return kwargs.get("hidden_states", kwargs.get("x"))
+
+
+def _as_from_pretrained(model: torch.nn.Module, dtype: torch.dtype) -> None:
+    """Make a model built from a config under ``dtype`` hold what ``from_pretrained(dtype=...)`` gives.
+
+    They differ in one place: Gemma 4's audio position encoding computes its ``inv_timescales`` (a
+    non-persistent buffer) when built; under a bf16 default dtype that ``exp`` runs in bf16, while
+    ``from_pretrained`` computes it in fp32 and casts (checked: save_pretrained + from_pretrained(bf16)
+    of the gemma-4-e2b-mm twin; max difference 4.9e-4, every other buffer equal). Rebuilt here the fp32
+    way; without it the reference (which follows from_pretrained) and HF differed by 0.016 at
+    ``audio.layers.0.out`` in bf16."""
+    for module in model.modules():
+        if type(module).__name__ == "Gemma4AudioRelPositionalEncoding" and module.inv_timescales.dtype != torch.float32:
+            with default_dtype(torch.float32):
+                fresh = type(module)(model.config.audio_config)
+            module.inv_timescales = fresh.inv_timescales.to(module.inv_timescales.dtype)
 
 
 class HFCausalLMAdapter(Adapter):
@@ -73,6 +91,7 @@ class HFCausalLMAdapter(Adapter):
             raise
         except Exception as exc:  # noqa: BLE001
             raise AdapterError(f"{self.name}: building the model failed: {type(exc).__name__}: {exc}") from exc
+        _as_from_pretrained(model, dtype)
         params = dict(model.state_dict())
         cast = {k: v.to(params[k].dtype) if k in params else v for k, v in state_dict.items()}
         missing, unexpected = model.load_state_dict(cast, strict=False)
@@ -145,6 +164,31 @@ class HFCausalLMAdapter(Adapter):
                     targets[f"layers.{i}.{sub}"] = getattr(layer, attr)
         return {**vision, **targets}
 
+    def _gemma4_media_targets(self, inner) -> dict[str, torch.nn.Module]:
+        """Gemma 4's media paths: the vision tower's patch embedder, encoder layers and pooled output (whose
+        call returns it), ``embed_vision``; the audio tower's subsampling, conformer layers and output
+        projection, ``embed_audio``."""
+        vision = inner.vision_tower
+        targets = {"vision.embed": vision.patch_embedder}
+        targets |= {f"vision.layers.{i}.out": layer for i, layer in enumerate(vision.encoder.layers)}
+        targets |= {"vision.pool": vision, "vision.proj": inner.embed_vision}
+        audio = getattr(inner, "audio_tower", None)
+        if audio is not None:
+            targets["audio.embed"] = audio.subsample_conv_projection
+            targets |= {f"audio.layers.{i}.out": layer for i, layer in enumerate(audio.layers)}
+            targets |= {"audio.out": audio.output_proj, "audio.proj": inner.embed_audio}
+        return targets
+
+    def _image_rows(self, rows: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Gemma 4's kept pooled rows (n_0 + n_1 + …, C) -> (images, pooled slots, C): image i's n_i rows
+        first, zeros after (the reference's layout of ``vision.pool`` / ``vision.proj``)."""
+        k2 = self.model.config.vision_config.pooling_kernel_size ** 2
+        counts = ((positions != -1).all(-1).sum(-1) // k2).tolist()
+        out = rows.new_zeros(positions.shape[0], positions.shape[1] // k2, rows.shape[-1])
+        for i, part in enumerate(torch.split(rows, counts)):
+            out[i, :part.shape[0]] = part
+        return out
+
     def _method_probes(self, captured: dict, b: int, t: int):
         """A context in which probes that are no module's output (Gemma 3n's AltUp ``predict`` / ``correct``
         methods) are captured too: :func:`harness.gemma3n_probes.hf_method_probes`; else nothing."""
@@ -157,6 +201,8 @@ class HFCausalLMAdapter(Adapter):
     def _vision_targets(self, inner) -> dict[str, torch.nn.Module]:
         """Gemma 3's image path: the SigLIP tower's embeddings, encoder layers and final LayerNorm, the
         projector's pooling and the projector itself (``vision.*`` probes)."""
+        if getattr(inner, "embed_vision", None) is not None:
+            return self._gemma4_media_targets(inner)
         tower = getattr(inner, "vision_tower", None)
         tower = getattr(tower, "vision_model", tower)  # older layouts nest the transformer one level down
         projector = getattr(inner, "multi_modal_projector", None)
@@ -174,13 +220,26 @@ class HFCausalLMAdapter(Adapter):
         return captured
 
     def _media(self, batch: Batch) -> dict:
-        """An image batch's inputs as HF takes them: the pixels in the model's dtype, and ``token_type_ids``
-        (1 at image placeholders) without which HF keeps image tokens causal."""
-        if batch.pixel_values is None:
+        """An image batch's inputs as HF takes them: the pixels in the model's dtype, and the token types
+        without which HF keeps image tokens causal (Gemma 3 ``token_type_ids``: 1 at image placeholders;
+        Gemma 4 ``mm_token_type_ids``: 1 image, 2 video, 3 audio, with the patch positions and the audio
+        features and their mask)."""
+        if batch.pixel_values is None and batch.audio_features is None:
             return {}
-        image_token = getattr(self.model.config, "image_token_id", None)
-        dtype = next(self.model.parameters()).dtype
-        return {"pixel_values": batch.pixel_values.to(dtype), "token_type_ids": (batch.input_ids == image_token).long()}
+        config = self.model.config
+        # the processor's float32 pixels and features as they are: HF casts them where its recipe does
+        pixels = {} if batch.pixel_values is None else {"pixel_values": batch.pixel_values}
+        if config.model_type != "gemma4":
+            return pixels | {"token_type_ids": (batch.input_ids == config.image_token_id).long()}
+        types = torch.zeros_like(batch.input_ids)
+        for token, kind in ((config.image_token_id, 1), (config.video_token_id, 2), (config.audio_token_id, 3)):
+            types[batch.input_ids == token] = kind
+        out = pixels | {"mm_token_type_ids": types}
+        if batch.image_position_ids is not None:
+            out["image_position_ids"] = batch.image_position_ids
+        if batch.audio_features is not None:
+            out |= {"input_features": batch.audio_features, "input_features_mask": batch.audio_mask}
+        return out
 
     @torch.no_grad()
     def decode(self, batch: Batch, chunks: list[int]) -> dict[str, torch.Tensor]:
@@ -241,10 +300,14 @@ class HFCausalLMAdapter(Adapter):
         def hook(name):
             def record(_module, args, kwargs, output):
                 x = _input(args, kwargs)
+                if name in ("vision.pool", "vision.proj") and (media or {}).get("image_position_ids") is not None:
+                    rows = _first(output).detach()  # Gemma 4: the kept rows of every image, (n, C)
+                    captured[name] = self._image_rows(rows.reshape(-1, rows.shape[-1]), media["image_position_ids"])
+                    return
                 if name == "vision.pool":  # (images, C, side, side) -> (images, tokens, C)
                     captured[name] = output.detach().flatten(2).transpose(1, 2)
                     return
-                if name.startswith("vision."):
+                if name.startswith(("vision.", "audio.")):
                     captured[name] = _first(output).detach()
                     return
                 if name == "layers.0.out" and merged:  # what layer 0 reads: the text with the soft tokens merged

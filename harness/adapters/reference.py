@@ -97,7 +97,7 @@ class ReferenceAdapter(Adapter):
 
     def stream(self, probe: str, values, batch: Batch) -> torch.Tensor | None:
         """The reference's value of stream probe `probe` from given upstream values (see :meth:`Gemma.stream`)."""
-        return self.model.stream(probe, values, batch.input_ids)
+        return self.model.stream(probe, values, batch.input_ids, **batch.media)
 
     def sublayer(self, probe: str, inputs, batch: Batch, routing: torch.Tensor | None = None) -> torch.Tensor | None:
         """The reference's output of sublayer `probe` on given inputs (see :meth:`Gemma.sublayer`)."""
