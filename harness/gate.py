@@ -6,6 +6,7 @@ import hashlib
 import inspect
 import json
 import platform
+import re
 import time
 import traceback
 from dataclasses import dataclass, field
@@ -265,7 +266,7 @@ def compare_implementations(label: str, hf_config: dict, state: dict, batch: Bat
     except AdapterError as exc:
         result.error = str(exc)
     except Exception as exc:  # noqa: BLE001 - a crashing candidate is a result, not a crash of the gate
-        result.error = f"candidate crashed: {crash_line(exc)}"
+        result.error = count_mismatch(exc) or f"candidate crashed: {crash_line(exc)}"
     else:
         result.probes = _judge(spec, reference, runs, tol, adapter.unsupported or {}, adapter.logits_form)
         if generated is not None:
@@ -310,6 +311,19 @@ def crash_line(exc: BaseException) -> str:
     where = f" (at {frame.filename}:{frame.lineno})" if frame else ""
     message = " ".join(str(exc).split())
     return f"{type(exc).__name__}: {message}{where}"
+
+
+_COUNT_MISMATCH = re.compile(r"(features and \w+ tokens do not match|placeholder tokens for)", re.IGNORECASE)
+
+
+def count_mismatch(exc: BaseException) -> str | None:
+    """A candidate that gives another number of soft tokens than the prompt has placeholders (HF: "Image
+    features and image tokens do not match, tokens: 129, features: 127") as one line saying so, or None."""
+    message = " ".join(str(exc).split())
+    if not _COUNT_MISMATCH.search(message):
+        return None
+    return f"soft-token count mismatch: the candidate's media give another number of soft tokens than the prompt " \
+           f"has placeholders ({message})"
 
 
 def _reason(exc: BaseException) -> str:
