@@ -77,6 +77,7 @@ Numerics (file:line into ``transformers/models/gemma3n/modeling_gemma3n.py``, tr
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Mapping
 
 import torch
@@ -88,6 +89,8 @@ from .cache import KVCache
 from .model import MLP, Attention, Gemma, Linear, PerLayerInput, RMSNorm, _put
 from .spec import LayerSpec, ModelSpec
 from .weights import WeightError
+
+_LAYER_PROBE = re.compile(r"^layers\.(\d+)\.(\w+)$")
 
 __all__ = ["Gemma3n", "build_gemma3n", "expected_shapes_gemma3n", "name_map_gemma3n", "streams_of"]
 
@@ -207,17 +210,34 @@ class Block3n(nn.Module):
         normed = _put(capture, f"{p}.attn_input", self.attn_norm(active))
         laurel = _put(capture, f"{p}.laurel", self.laurel(normed))
         attn = _put(capture, f"{p}.attn", self.attn(normed, cos, sin, slots, valid, cache, shared))
-        x = (active + self.attn_post_norm(attn) + laurel) / math.sqrt(2)
+        x = self.after_attention(active, attn, laurel)
         m = _put(capture, f"{p}.mlp", self.mlp(_put(capture, f"{p}.mlp_input", self.mlp_norm(x))))
-        x = x + self.mlp_post_norm(m)
-        corrected = _put_streams(capture, f"{p}.altup_correct", self.altup.correct(predictions, x))
+        corrected = _put_streams(capture, f"{p}.altup_correct", self.altup.correct(predictions, self.after_mlp(x, m)))
+        gated = _put(capture, f"{p}.ple_input", self.ple_gated(corrected, ple_input))
+        projected = _put(capture, f"{p}.ple", self.ple.proj(gated))
+        return _put_streams(capture, f"{p}.out", self.finish(corrected, projected))
+
+    # The operations between two probes, shared by the forward and :meth:`Gemma3n.stream` (bit for bit alike).
+
+    def after_attention(self, active: torch.Tensor, attn: torch.Tensor, laurel: torch.Tensor) -> torch.Tensor:
+        """(active prediction + post-attention norm(attn) + LAuReL) / sqrt(2): what the pre-MLP norm reads."""
+        return (active + self.attn_post_norm(attn) + laurel) / math.sqrt(2)
+
+    def after_mlp(self, x: torch.Tensor, mlp: torch.Tensor) -> torch.Tensor:
+        """The layer's output on the active stream (what AltUp's correction reads)."""
+        return x + self.mlp_post_norm(mlp)
+
+    def ple_gated(self, corrected: torch.Tensor, ple_input: torch.Tensor) -> torch.Tensor:
+        """gelu(gate(correct_output_scale * corrected[a])) * per-layer input: the per-layer projection's input."""
         first = corrected[self.active]
         if self.correct_scale:
             first = self.altup.scale(first)
-        gated = _put(capture, f"{p}.ple_input", self.ple.gated(first, ple_input))
-        ple = self.ple.post_norm(_put(capture, f"{p}.ple", self.ple.proj(gated)))
-        out = torch.cat((corrected[:1], corrected[1:] + ple))  # HF: corrected[1:] += ple, in place
-        return _put_streams(capture, f"{p}.out", out)
+        return self.ple.gated(first, ple_input)
+
+    def finish(self, corrected: torch.Tensor, projected: torch.Tensor) -> torch.Tensor:
+        """The layer's output streams: the post-PLE norm of the projection added to streams [1:] only."""
+        ple = self.ple.post_norm(projected)
+        return torch.cat((corrected[:1], corrected[1:] + ple))  # HF: corrected[1:] += ple, in place
 
 
 class PerLayerEmbeddings3n(nn.Module):
@@ -239,6 +259,12 @@ class PerLayerEmbeddings3n(nn.Module):
         ctx = self.proj(embedded) * _const(self.hidden**-0.5, dtype)
         ctx = self.norm(ctx.reshape(*ids.shape, *self.shape))
         return (ctx + tok) * _const(1 / math.sqrt(2.0), dtype)
+
+
+def _locate(probe: str) -> tuple[int | None, str]:
+    """'layers.3.mlp' -> (3, 'mlp'); anything else -> (None, probe)."""
+    match = _LAYER_PROBE.match(probe)
+    return (int(match.group(1)), match.group(2)) if match else (None, probe)
 
 
 def _rescaled(x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -280,6 +306,7 @@ class Gemma3n(nn.Module):
         position_ids: torch.Tensor | None = None,
         cache: KVCache | None = None,
         capture: dict[str, torch.Tensor] | None = None,
+        forced_routing: dict | None = None,  # no experts in Gemma 3n: accepted (the gate's interface) and unused
         with_logits: bool = True,
     ) -> torch.Tensor:
         """Logits (B, T, V) (or, ``with_logits=False``, the final norm's output); a ``cache`` makes it incremental."""
@@ -292,18 +319,14 @@ class Gemma3n(nn.Module):
 
         x0 = _put(capture, "embed", self.embed(input_ids) * _const(self.spec.embed_scale, self.dtype))
         ple = self.ple(input_ids, x0)  # (B, T, L, P)
-        target = torch.mean(x0**2, dim=-1, keepdim=True) ** 0.5
-        streams = torch.stack([x0, *(_rescaled(proj(x0), target) for proj in self.altup_proj)], dim=0)
-        _put_streams(capture, "altup_streams", streams)
+        streams = _put_streams(capture, "altup_streams", self.expand(x0))
         tables = {key: ops.rope_cos_sin(positions, inv, self.dtype) for key, inv in self._inv_freq.items()}
         shared: dict[int, tuple] = {}
         for i, block in enumerate(self.layers):
             layer = self.spec.layers[i]
             cos, sin = tables[(layer.head_dim, layer.rope)]
             streams = block(streams, cos, sin, slots, valid, cache, shared, capture, ple[:, :, i])
-        target = torch.mean(streams[0] ** 2, dim=-1, keepdim=True) ** 0.5
-        outs = [streams[0], *(_rescaled(proj(streams[j]), target) for j, proj in enumerate(self.altup_unembed, 1))]
-        x = _put(capture, "final_norm_input", torch.mean(torch.stack(outs), dim=0))
+        x = _put(capture, "final_norm_input", self.collapse(streams))
         x = _put(capture, "final_norm", self.final_norm(x))
         if cache is not None:
             cache.seen = past + t
@@ -312,6 +335,106 @@ class Gemma3n(nn.Module):
     def head(self, x: torch.Tensor) -> torch.Tensor:
         logits = ops.linear(x, self.embed.weight) if self.lm_head is None else self.lm_head(x)
         return ops.softcap(logits, self.spec.final_softcap)
+
+    def expand(self, x0: torch.Tensor) -> torch.Tensor:
+        """The scaled embedding (B, T, H) -> the n initial streams (n, B, T, H): x0, then its AltUp projections
+        rescaled to its RMS."""
+        target = torch.mean(x0**2, dim=-1, keepdim=True) ** 0.5
+        return torch.stack([x0, *(_rescaled(proj(x0), target) for proj in self.altup_proj)], dim=0)
+
+    def collapse(self, streams: torch.Tensor) -> torch.Tensor:
+        """The last layer's streams (n, B, T, H) -> the final norm's input: streams 1.. unembedded and rescaled
+        to stream 0's RMS, then the mean over the n streams."""
+        target = torch.mean(streams[0] ** 2, dim=-1, keepdim=True) ** 0.5
+        outs = [streams[0], *(_rescaled(proj(streams[j]), target) for j, proj in enumerate(self.altup_unembed, 1))]
+        return torch.mean(torch.stack(outs), dim=0)
+
+    # ---- one operation alone, on given values (the gate judges each probe of a candidate this way) ----
+
+    def _rope(self, layer: LayerSpec, attention_mask, position_ids, b: int, t: int):
+        valid = Gemma._valid(attention_mask, b, t)
+        positions = Gemma._positions(position_ids, valid, None)
+        cos, sin = ops.rope_cos_sin(positions, self._inv_freq[(layer.head_dim, layer.rope)], self.dtype)
+        return cos, sin, valid
+
+    @torch.no_grad()
+    def sublayer(self, probe: str, inputs: Mapping[str, torch.Tensor], attention_mask: torch.Tensor | None = None,
+                 position_ids: torch.Tensor | None = None, routing: torch.Tensor | None = None,
+                 input_ids: torch.Tensor | None = None) -> torch.Tensor | None:
+        """This model's output of one sublayer probe (``layers.{i}.attn``, ``.laurel``, ``.mlp`` — its Gaussian
+        top-k included on sparse layers —, ``.ple`` (the per-layer projection), or ``final_norm``) computed on
+        ``inputs[probe + "_input"]`` (B, T, ...) rather than on its own stream (as :meth:`Gemma.sublayer`). A
+        KV-shared layer's attention takes its keys and values from its donor's input,
+        ``inputs[f"layers.{donor}.attn_input"]``, computed by the donor's own projections, norms and RoPE.
+        ``routing`` and ``input_ids`` are unused (no experts, no images). None for any other probe."""
+        if probe == "final_norm":
+            return self.final_norm(inputs["final_norm_input"].to(self.dtype))
+        i, kind = _locate(probe)
+        if i is None or kind not in ("attn", "laurel", "mlp", "ple"):
+            return None
+        x = inputs[probe + "_input"].to(self.dtype)
+        block, layer = self.layers[i], self.spec.layers[i]
+        if kind == "mlp":
+            return block.mlp(x)
+        if kind == "laurel":
+            return block.laurel(x)
+        if kind == "ple":
+            return block.ple.proj(x)
+        b, t = x.shape[:2]
+        cos, sin, valid = self._rope(layer, attention_mask, position_ids, b, t)
+        slots, shared = torch.arange(t, device=x.device), {}
+        if layer.kv_donor is not None:
+            donor_layer = self.spec.layers[layer.kv_donor]
+            donor = inputs[f"layers.{layer.kv_donor}.attn_input"].to(self.dtype)
+            d_cos, d_sin, _ = self._rope(donor_layer, attention_mask, position_ids, b, t)
+            shared[layer.kv_donor] = self.layers[layer.kv_donor].attn._own_kv(donor, d_cos, d_sin, slots, valid, None)
+        return block.attn(x, cos, sin, slots, valid, None, shared)
+
+    @torch.no_grad()
+    def stream(self, probe: str, values: Mapping[str, torch.Tensor], input_ids: torch.Tensor,
+               **_media) -> torch.Tensor | None:
+        """This model's value of a stream probe computed from given upstream probe values (the candidate's)
+        instead of its own stream: the operations between two probes, alone (as :meth:`Gemma.stream`). With
+        ``a`` the active stream, prev = ``altup_streams`` (layer 0) or ``layers.{i-1}.out``, pred =
+        ``altup_predict``, x = (pred[a] + post-attention norm(``attn``) + ``laurel``) / sqrt(2) and
+        y = x + post-MLP norm(``mlp``)::
+
+            altup_streams = expand(embed)          altup_predict = AltUp predict(prev)
+            attn_input = pre-attention norm(pred[a])   laurel = LAuReL(attn_input)
+            mlp_input = pre-MLP norm(x)            altup_correct = AltUp correct(pred, y)
+            ple_input = gelu(gate(scale(altup_correct[a]))) * per-layer input (from ``input_ids`` and ``embed``)
+            out = altup_correct + post-PLE norm(``ple``) on streams [1:]
+            final_norm_input = collapse(last ``out``)
+
+        Stream probes are (B, T, n * H) (see :func:`streams_of`). None for any other probe."""
+        n = self.spec.gemma3n.altup_num_inputs
+        value = lambda name: values[name].to(self.dtype)  # noqa: E731
+        streams = lambda name: streams_of(value(name), n).contiguous()  # noqa: E731  (HF's layout, bit for bit)
+        if probe == "altup_streams":
+            return _flat_streams(self.expand(value("embed")))
+        if probe == "final_norm_input":
+            return self.collapse(streams(f"layers.{self.spec.num_layers - 1}.out"))
+        i, kind = _locate(probe)
+        if i is None:
+            return None
+        block, p = self.layers[i], f"layers.{i}"
+        if kind == "altup_predict":
+            return _flat_streams(block.altup.predict(streams("altup_streams" if i == 0 else f"layers.{i - 1}.out")))
+        if kind == "attn_input":
+            return block.attn_norm(streams(f"{p}.altup_predict")[block.active])
+        if kind == "laurel":
+            return block.laurel(value(f"{p}.attn_input"))
+        if kind in ("mlp_input", "altup_correct"):
+            predictions = streams(f"{p}.altup_predict")
+            x = block.after_attention(predictions[block.active], value(f"{p}.attn"), value(f"{p}.laurel"))
+            if kind == "mlp_input":
+                return block.mlp_norm(x)
+            return _flat_streams(block.altup.correct(predictions, block.after_mlp(x, value(f"{p}.mlp"))))
+        if kind == "ple_input":
+            return block.ple_gated(streams(f"{p}.altup_correct"), self.ple(input_ids, value("embed"))[:, :, i])
+        if kind == "out":
+            return _flat_streams(block.finish(streams(f"{p}.altup_correct"), value(f"{p}.ple")))
+        return None
 
 
 # ---- HF checkpoint names (Gemma3nForCausalLM.state_dict()) -> reference names, shapes ----

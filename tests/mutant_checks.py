@@ -11,7 +11,11 @@ from harness.probes import SUBLAYERS, is_media, locate
 BLAME = {kind: "computes wrongly on the right input" for kind in SUBLAYERS} | {
     f"{kind}_input": "input is wrong: the bug is between" for kind in SUBLAYERS} | {
     "out": "the bug is between", "logits": "the bug is between", "embed": "the embedding is wrong",
-    "merge": "the bug is between", "vision.embed": "the patch embedding is wrong"}
+    "merge": "the bug is between", "vision.embed": "the patch embedding is wrong",
+    # Gemma 3n (harness.gemma3n_probes): the AltUp stream operations lie between two probes; LAuReL is a
+    # branch computed on its input (the pre-attention norm's output)
+    "altup_streams": "the bug is between", "altup_predict": "the bug is between",
+    "altup_correct": "the bug is between", "laurel": "computes wrongly on the right input"}
 
 
 def _blame(kind: str) -> str:

@@ -325,3 +325,60 @@ def test_not_a_gemma3n_spec_is_refused():
         "intermediate_size": 128, "activation_sparsity_pattern": None})
     with pytest.raises(ValueError, match="gemma3n_text"):
         Gemma3n(other)
+
+
+# ---- the gate: every probe judged alone (harness.gemma3n_probes, Gemma3n.sublayer / .stream) ----
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_gate_passes_hf_bit_exact_every_probe_isolated(dtype):
+    pytest.importorskip("transformers")
+    from harness.gate import conform
+    from harness.probes import for_spec
+
+    result = conform("gemma-3n-e2b-tiny", "hf", dtype)
+    assert result.passed and result.error is None, result.verdict()
+    spec = ModelSpec.from_hf_config(TINY)
+    assert [p.name for p in result.probes] == for_spec(spec)
+    assert len(result.probes) == 2 + 10 * spec.num_layers + 3
+    assert max(p.metrics["max_abs"] for p in result.probes) == 0.0
+    assert {f: c.status for f, c in result.capabilities.items()} == {"padding": "judged", "position_ids": "judged"}
+    # everything but the embedding lookup and the logits is judged on the candidate's own values
+    assert [p.name for p in result.probes if not p.isolated] == ["embed", "logits"]
+
+
+def test_isolated_values_reproduce_the_forward():
+    """Gemma3n.sublayer / .stream on the model's own probes give its own probes back, bit for bit: the
+    decomposition the gate judges by is the forward's (KV-shared attention included, on a left-padded batch)."""
+    from harness.gemma3n_probes import upstream_values
+    from harness.probes import for_spec
+    from harness.synthetic import BITE, make_batch, random_state_dict
+
+    spec = ModelSpec.from_hf_config(TINY)
+    model = build_gemma3n(spec, random_state_dict(spec, 0, BITE))
+    batch = make_batch(spec)
+    assert batch.padded and batch.input_ids.shape[1] > spec.max_window
+    capture: dict[str, torch.Tensor] = {}
+    with torch.no_grad():
+        model(batch.input_ids, batch.attention_mask, batch.position_ids, capture=capture)
+    for name in for_spec(spec):
+        if name in ("embed", "logits"):
+            continue
+        if upstream_values(spec, name) is not None:
+            got = model.stream(name, capture, batch.input_ids)
+        else:
+            got = model.sublayer(name, capture, batch.attention_mask, batch.position_ids)
+        assert got is not None and torch.equal(got, capture[name]), name
+    assert model.stream("layers.0.attn", capture, batch.input_ids) is None
+    assert model.sublayer("layers.0.out", capture) is None
+
+
+def test_cli_conform_exits_zero():
+    import subprocess
+    import sys
+
+    pytest.importorskip("transformers")
+    root = Path(__file__).resolve().parent.parent
+    done = subprocess.run([sys.executable, "-m", "harness.cli", "conform", "--model", "gemma-3n-e2b-tiny", "-q"],
+                          cwd=root, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
