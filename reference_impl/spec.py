@@ -561,7 +561,9 @@ def _derive_gemma3_multimodal(f: _Fields) -> ModelSpec:
         eoi_token_id=f.int("eoi_token_index", 256000, minimum=0),
         projector_eps=vision.layer_norm_eps,
     )
-    return replace(decoder, multimodal=mm)
+    # HF's Gemma3ForConditionalGeneration applies no final logit softcap (only Gemma3ForCausalLM does,
+    # models/gemma3/modeling_gemma3.py 632-635); the released configs have none. Ignored, as HF does.
+    return replace(decoder, multimodal=mm, final_softcap=None)
 
 
 def _derive_gemma4_multimodal(f: _Fields) -> ModelSpec:

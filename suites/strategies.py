@@ -170,3 +170,124 @@ def bites_the_window(config: dict, batch: Batch) -> bool:
     """Whether a drawn case can exercise a sliding window: a sliding layer and a row longer than it."""
     longest = int(batch.attention_mask.sum(dim=1).max())
     return SLIDING in (config.get("layer_types") or []) and longest > (config.get("sliding_window") or 0)
+
+
+# --------------------------------------------------------------------------------------------------
+# Image-text models: a drawn text decoder, a drawn tower (and audio tower), media placed at drawn
+# positions. Placeholder ids sit at the top of the vocabulary; text ids are drawn below them.
+
+G3_IDS = {"image_token_index": 255, "boi_token_index": 253, "eoi_token_index": 254}
+G4_IDS = {"image_token_id": 250, "audio_token_id": 251, "video_token_id": 252, "boi_token_id": 253,
+          "eoi_token_id": 254, "boa_token_id": 255, "eoa_token_index": 249}
+TEXT_IDS = 249  # text tokens are drawn from [0, 249): never a placeholder or a media delimiter
+MULTIMODAL_FAMILIES = ("gemma3", "gemma4")
+
+
+@st.composite
+def gemma3_multimodal(draw) -> dict:
+    """A Gemma 3 image-text config: a drawn Gemma 3 decoder and SigLIP tower; the pooling kernel divides
+    the patch grid (e.g. 8 patches a side pooled to 2, 4 or 8 tokens a side)."""
+    text = draw(gemma3())
+    heads = draw(st.sampled_from([1, 2, 4]))
+    side = draw(st.sampled_from([4, 6, 8]))
+    per_side = draw(st.sampled_from([d for d in range(1, side + 1) if side % d == 0]))
+    patch = draw(st.sampled_from([2, 4]))
+    vision = {"model_type": "siglip_vision_model", "hidden_size": 8 * heads * draw(st.sampled_from([1, 2])),
+              "intermediate_size": draw(st.sampled_from([16, 32])), "num_hidden_layers": draw(st.integers(1, 2)),
+              "num_attention_heads": heads, "image_size": side * patch, "patch_size": patch,
+              "layer_norm_eps": 1e-6, "hidden_act": "gelu_pytorch_tanh", "vision_use_head": False}
+    return {"model_type": "gemma3", "text_config": text, "vision_config": vision,
+            "mm_tokens_per_image": per_side**2, **G3_IDS}
+
+
+@st.composite
+def gemma4_multimodal(draw) -> dict:
+    """A Gemma 4 image(-audio)-text config: a drawn Gemma 4 decoder (maybe bidirectional images), a vision
+    tower (clipped or standardised), and maybe an audio tower."""
+    text = draw(gemma4()) | {"use_bidirectional_attention": draw(st.sampled_from([None, "vision"]))}
+    heads = draw(st.sampled_from([1, 2]))
+    clipped = draw(st.booleans())
+    vision = {"model_type": "gemma4_vision", "hidden_size": 16 * heads, "intermediate_size": draw(st.sampled_from([32, 48])),
+              "num_hidden_layers": draw(st.integers(1, 2)), "num_attention_heads": heads, "num_key_value_heads": heads,
+              "head_dim": draw(st.sampled_from([8, 16])), "patch_size": 4, "pooling_kernel_size": 3,
+              "position_embedding_size": 64, "use_clipped_linears": clipped, "standardize": not clipped and draw(st.booleans()),
+              "rope_parameters": {"rope_type": "default", "rope_theta": 100.0}}
+    audio = None
+    if draw(st.booleans()):
+        audio = {"model_type": "gemma4_audio", "hidden_size": draw(st.sampled_from([16, 32])), "num_hidden_layers": 1,
+                 "num_attention_heads": 2, "subsampling_conv_channels": [128, 4], "output_proj_dims": 24,
+                 "gradient_clipping": 1.5, "attention_logit_cap": 4.0, "use_clipped_linears": True}
+    return {"model_type": "gemma4", "text_config": text, "vision_config": vision, "audio_config": audio, **G4_IDS}
+
+
+_MULTIMODAL = {"gemma3": gemma3_multimodal, "gemma4": gemma4_multimodal}
+
+
+def multimodal_config(families=MULTIMODAL_FAMILIES) -> st.SearchStrategy[dict]:
+    return st.one_of(*(_MULTIMODAL[f]() for f in families if f in _MULTIMODAL))
+
+
+G4_IMAGE_SIZES = ((24, 36), (36, 36), (48, 20), (60, 28))
+
+
+@st.composite
+def media_batches(draw, config: dict, padding: bool = True) -> Batch:
+    """Two rows, each with 0-2 images (Gemma 3: the tower's size; Gemma 4: drawn sizes at budget 70, patches
+    as HF's processor makes them) and, on audio models, 0-1 clips of drawn length, at drawn places between
+    drawn text; at least one image in the batch. Row 1 maybe left-padded."""
+    from harness.synthetic import GEMMA4_BUDGET, make_image, make_waveform
+    from reference_impl.spec import ModelSpec
+
+    spec = ModelSpec.from_hf_config(config)
+    mm = spec.multimodal
+    gemma4 = config["model_type"] == "gemma4"
+    gen = torch.Generator().manual_seed(draw(st.integers(0, 2**16)))
+    rows, images, clips = [], [], []
+    for row in range(2):
+        runs = [("text", draw(st.integers(0, 6)))]
+        for _ in range(draw(st.integers(1 if row == 0 else 0, 2))):
+            if gemma4:
+                h, w = draw(st.sampled_from(G4_IMAGE_SIZES))
+                images.append(((make_image(h, gen, w) + 1) / 2, row))
+            else:
+                images.append((make_image(mm.vision.image_size, gen), row))
+            runs += [("image", len(images) - 1), ("text", draw(st.integers(0, 5)))]
+        if gemma4 and mm.audio_config is not None and draw(st.booleans()):
+            clips.append((make_waveform(draw(st.integers(2000, 9000)), gen), row))
+            runs += [("audio", len(clips) - 1), ("text", draw(st.integers(0, 4)))]
+        rows.append(runs)
+    media: dict = {}
+    if gemma4:
+        from reference_impl import audio, gemma4_vision
+
+        pixels, positions, counts = gemma4_vision.images_to_batch([im for im, _ in images], GEMMA4_BUDGET, mm.vision_config)
+        media |= {"pixel_values": pixels, "image_position_ids": positions}
+        clip_counts = [audio.soft_token_count(len(w)) for w, _ in clips]
+        if clips:
+            features, frames = audio.batch_features([audio.log_mel_features(w.numpy()) for w, _ in clips])
+            media |= {"audio_features": features, "audio_mask": frames, "audio_rows": torch.tensor([r for _, r in clips])}
+        wrap = {"image": (mm.boi_token_id, mm.image_token_id, mm.eoi_token_id),
+                "audio": (mm.boa_token_id, mm.audio_token_id, mm.eoa_token_id)}
+    else:
+        media["pixel_values"] = torch.stack([im for im, _ in images])
+        counts, clip_counts = [mm.tokens_per_image] * len(images), []
+        wrap = {"image": (mm.boi_token_id, mm.image_token_id, mm.eoi_token_id)}
+    media["image_rows"] = torch.tensor([r for _, r in images])
+    sequences = []
+    for runs in rows:
+        ids = [spec.bos_token_id]
+        for kind, n in runs:
+            if kind == "text":
+                ids += draw(st.lists(st.integers(3, TEXT_IDS - 1), min_size=n, max_size=n))
+                continue
+            begin, token, end = wrap[kind]
+            ids += [begin] + [token] * (counts[n] if kind == "image" else clip_counts[n]) + [end]
+        sequences.append(ids)
+    pad = draw(st.integers(0, 3)) if padding else 0
+    length = max(len(sequences[0]), len(sequences[1]) + pad)
+    ids = torch.zeros(2, length, dtype=torch.long)
+    mask = torch.zeros(2, length, dtype=torch.long)
+    for row, seq in enumerate(sequences):  # left-padded to the common length
+        ids[row, length - len(seq):], mask[row, length - len(seq):] = torch.tensor(seq), 1
+    positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
+    return Batch(ids, mask, positions, **media)

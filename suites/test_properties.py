@@ -272,3 +272,84 @@ def test_float16_scan_reports_first_nonfinite_probe(implementations, families, d
             assert len(finite) == len([p for p in order if p in outputs]), impl.name
         else:
             assert found.probe not in finite and all(p in finite for p in order[: order.index(found.probe)]), impl.name
+
+
+# --------------------------------------------------------------------------------------------------
+# Image-text models: every probe on drawn towers and media placements; an image reaches the text only
+# through attention, and its soft tokens do not depend on the text around it
+
+
+@pytest.fixture(scope="session")
+def multimodal_families(candidate_target) -> tuple[str, ...]:
+    """The image-text model types the implementations under test build (HF model types gemma3, gemma4)."""
+    if not candidate_target:
+        return S.MULTIMODAL_FAMILIES
+    declared = resolve(candidate_target).families
+    return S.MULTIMODAL_FAMILIES if declared is None else tuple(f for f in declared if f in S.MULTIMODAL_FAMILIES)
+
+
+def _need_multimodal(families):
+    if not families:
+        pytest.skip("the candidate builds no image-text model (HF model type gemma3 or gemma4)")
+
+
+@given(data=st.data())
+def test_multimodal_differential_every_probe(implementations, multimodal_families, data):
+    _need_multimodal(multimodal_families)
+    cfg = data.draw(S.multimodal_config(multimodal_families), label="config")
+    cfg, spec, state = _setup(cfg, implementations)
+    batch = data.draw(S.media_batches(cfg, padding=_padding(implementations)), label="batch")
+    note(batch.describe())
+    for impl in implementations:
+        if impl.name == "reference":
+            continue
+        result = compare_implementations("drawn", cfg, state, batch, candidate=impl.factory(), dtype="float32")
+        assert result.passed, f"{impl.name}: {result.verdict()}"
+
+
+def _one_image_at(batch: Batch, offset: int, ids_before: list[int], spec) -> Batch:
+    """Row 0 of ``batch`` (one image) rebuilt with the image run at ``offset``: BOS, ``ids_before``, the run, the rest."""
+    mm = spec.multimodal
+    row = batch.input_ids[0][batch.attention_mask[0].bool()].tolist()
+    start = row.index(mm.boi_token_id)
+    end = row.index(mm.eoi_token_id, start) + 1  # the first image's run only
+    image_run, after = row[start:end], [t for t in row[end:] if t < S.TEXT_IDS]  # the text after it
+    ids = torch.tensor([[spec.bos_token_id, *ids_before[:offset], *image_run, *after]])
+    media = {k: v[:1] if k in ("pixel_values", "image_position_ids") else v for k, v in batch.media.items()
+             if k in ("pixel_values", "image_position_ids")}
+    return Batch(ids, torch.ones_like(ids), None, image_rows=torch.zeros(1, dtype=torch.long), **media)
+
+
+@given(data=st.data())
+def test_image_reaches_text_only_through_attention(implementations, multimodal_families, data):
+    """Moving an image within the prompt: its soft tokens (``vision.proj``) stay the same whatever text
+    precedes it; every text token enters the decoder as its own embedding (``merge`` = ``embed`` off the
+    image); and the tokens before the image never see it (changing its pixels changes no logit there)."""
+    _need_multimodal(multimodal_families)
+    cfg = data.draw(S.multimodal_config(multimodal_families), label="config")
+    cfg["audio_config"] = None if cfg["model_type"] == "gemma4" else cfg.get("audio_config")
+    cfg, spec, state = _setup(cfg, implementations)
+    drawn = data.draw(S.media_batches(cfg, padding=False), label="batch")
+    text = data.draw(st.lists(st.integers(3, S.TEXT_IDS - 1), min_size=8, max_size=8), label="text before")
+    offsets = data.draw(st.lists(st.integers(0, 8), min_size=2, max_size=2, unique=True), label="offsets")
+    mm = spec.multimodal
+    for impl in implementations:
+        adapter = _loaded(impl.factory, cfg, state)
+        soft = []
+        for offset in offsets:
+            batch = _one_image_at(drawn, offset, text, spec)
+            out = adapter.run(impl.batch(batch))
+            is_image = batch.input_ids[0] == mm.image_token_id
+            if "merge" in out and "embed" in out:
+                _close(out["embed"][0, ~is_image], out["merge"][0, ~is_image],
+                       f"{impl.name}: text tokens enter layer 0 changed by an image at offset {offset}")
+            if "vision.proj" in out:
+                soft.append(out["vision.proj"][0])
+            noisy = batch.pixel_values + 0.5 * torch.randn(batch.pixel_values.shape, generator=torch.Generator().manual_seed(1))
+            other = adapter.run(impl.batch(Batch(batch.input_ids, batch.attention_mask, None, noisy, batch.image_rows,
+                                                 batch.image_position_ids)))
+            boi = int((batch.input_ids[0] == mm.boi_token_id).nonzero()[0])
+            _close(out["logits"][0, :boi + 1], other["logits"][0, :boi + 1],
+                   f"{impl.name}: tokens before the image (offset {offset}) saw its pixels")
+        if len(soft) == 2:
+            _close(soft[0], soft[1], f"{impl.name}: the image's soft tokens changed with the text before it")
