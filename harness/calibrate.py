@@ -59,9 +59,10 @@ def _unbounded(dtype: str, family: str | None = None) -> Tolerance:
                      router_margin=tolerance_for(dtype, family).router_margin, router_probs=inf)
 
 
-def _pairs(family: str):
+def _pairs(spec: ModelSpec):
     yield "dtype-vs-float64", _Reference64()
-    if family != "gemma2":  # HF Gemma 2 has no SDPA path
+    # HF has no SDPA path for Gemma 2, nor for Gemma 4's audio tower (a model holding one refuses sdpa)
+    if spec.family != "gemma2" and getattr(spec.multimodal, "audio", None) is None:
         yield "eager-vs-sdpa", hf_adapter(attn="sdpa")
 
 
@@ -112,7 +113,7 @@ def measure(models: Sequence[str] | None = None, dtypes: Iterable[str] = ("float
 def _measure(models, dtypes, seeds, drawn, progress) -> list[dict]:
     sources = [(source, hf_config, ModelSpec.from_hf_config(hf_config)) for source, hf_config in _sources(models, drawn)]
     if progress is not None:
-        progress.total = len(seeds) * len(dtypes) * sum(len(list(_pairs(spec.family))) for *_, spec in sources)
+        progress.total = len(seeds) * len(dtypes) * sum(len(list(_pairs(spec))) for *_, spec in sources)
         progress.refresh()
     rows = []
     for source, hf_config, spec in sources:
@@ -120,7 +121,7 @@ def _measure(models, dtypes, seeds, drawn, progress) -> list[dict]:
             batch = make_batch(spec, seed)
             for dtype in dtypes:
                 state = random_state_dict(spec, seed, conditioning_for(dtype))
-                for pair, candidate in _pairs(spec.family):
+                for pair, candidate in _pairs(spec):
                     result = compare_implementations(source, hf_config, state, batch, candidate=candidate,
                                                      dtype=dtype, tol=_unbounded(dtype, spec.family), seed=seed)
                     if result.error:
@@ -208,8 +209,9 @@ def _limit(tol: Tolerance, kind: str, isolated: bool, metric: str) -> float | No
 def _not_a_recipe(row: dict) -> bool:
     """The bf16 embedding is a lookup and one multiply by the normalizer rounded to bf16: there is one
     right answer, so the embed limit is a recipe check (it catches an unrounded normalizer), and a
-    float64 embedding, which is no bf16 recipe at all, is not a correct spread it must cover."""
-    return row["kind"] == "embed" and row["dtype"] == "bfloat16" and row["pair"] == "dtype-vs-float64"
+    float64 embedding, which is no bf16 recipe at all, is not a correct spread it must cover. The same for an
+    image-text model's ``merge`` (a scatter of the soft tokens into the embedded text)."""
+    return row["kind"] in ("embed", "merge") and row["dtype"] == "bfloat16" and row["pair"] == "dtype-vs-float64"
 
 
 def margins(rows: list[dict], mutant_rows: list[dict]) -> list[dict]:

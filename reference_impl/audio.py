@@ -450,9 +450,10 @@ class Attention(nn.Module):
         """x (B, T, H); pos (1, P, H) in x's dtype; hidden_mask (B, 1, U, W, C) bool, True = masked."""
         b, t, _ = x.shape
         n, d = self.spec.heads, self.spec.head_dim
-        q = self.q_proj(x).float().view(b, t, n, d)
-        k = self.k_proj(x).float().view(b, t, n, d)
-        v = self.v_proj(x).float().view(b, t, n, d)
+        up = torch.promote_types(x.dtype, torch.float32)  # fp32 (HF's .float()); float64 in a float64 run
+        q = self.q_proj(x).to(up).view(b, t, n, d)
+        k = self.k_proj(x).to(up).view(b, t, n, d)
+        v = self.v_proj(x).to(up).view(b, t, n, d)
         q = q * self.q_scale * F.softplus(self.per_dim_scale)  # softplus in the parameter dtype
         k = k * self.k_scale
         q, k, v = self.blocks(q), self.contexts(k), self.contexts(v)
@@ -466,7 +467,7 @@ class Attention(nn.Module):
         cap = torch.tensor(self.spec.logit_cap, dtype=self.per_dim_scale.dtype)  # a buffer in the model dtype
         logits = torch.tanh((ac + bd) / cap) * cap
         logits = logits.masked_fill(hidden_mask, self.spec.invalid_logit)
-        probs = F.softmax(logits, dim=-1, dtype=torch.float32).to(v.dtype)
+        probs = F.softmax(logits, dim=-1, dtype=up).to(v.dtype)
         out = probs @ v.permute(0, 3, 1, 2, 4)  # (B, N, U, W, D)
         out = out.permute(0, 2, 3, 1, 4).reshape(b, u * self.spec.chunk, -1)[:, :t].contiguous()
         return self.post(out.to(x.dtype))

@@ -86,7 +86,7 @@ from torch import nn
 
 from . import ops
 from .cache import KVCache
-from .model import MLP, Attention, Gemma, Linear, PerLayerInput, RMSNorm, _put
+from .model import MLP, Attention, Gemma, Linear, PerLayerInput, RMSNorm, _put, rope_tables
 from .spec import LayerSpec, ModelSpec
 from .weights import WeightError
 
@@ -290,10 +290,7 @@ class Gemma3n(nn.Module):
             self.lm_head = None if spec.tie_embeddings else Linear(h, spec.vocab_size)
         self.to(dtype)
         table_device = "cpu" if torch.device(device).type == "meta" else device
-        self._inv_freq = {
-            key: ops.rope_inv_freq(key[0], key[1].theta, key[1].linear_factor, key[1].rotary_fraction).to(table_device)
-            for key in {(layer.head_dim, layer.rope) for layer in spec.layers}
-        }
+        self._inv_freq = rope_tables(spec, table_device)
 
     @property
     def dtype(self) -> torch.dtype:

@@ -333,6 +333,12 @@ class PerLayerEmbeddings(nn.Module):
         return (ctx + tok.reshape(*ids.shape, *self.shape)) * 2.0**-0.5
 
 
+def rope_tables(spec: ModelSpec, device) -> dict:
+    """(head_dim, rope) -> fp32 inverse frequencies, one per distinct pair among the layers."""
+    return {key: ops.rope_inv_freq(key[0], key[1].theta, key[1].linear_factor, key[1].rotary_fraction).to(device)
+            for key in {(layer.head_dim, layer.rope) for layer in spec.layers}}
+
+
 class Gemma(nn.Module):
     def __init__(self, spec: ModelSpec, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
         super().__init__()
@@ -358,10 +364,7 @@ class Gemma(nn.Module):
         table_device = "cpu" if torch.device(device).type == "meta" else device
         if self.media is not None:
             self.media.keep_fp32_tables(table_device)
-        self._inv_freq = {
-            key: ops.rope_inv_freq(key[0], key[1].theta, key[1].linear_factor, key[1].rotary_fraction).to(table_device)
-            for key in {(layer.head_dim, layer.rope) for layer in spec.layers}
-        }
+        self._inv_freq = rope_tables(spec, table_device)
 
     @property
     def dtype(self) -> torch.dtype:
