@@ -273,3 +273,32 @@ def test_cli_gates_a_multimodal_mutant(tmp_path):
     result = result[0] if isinstance(result, list) else result
     result = result.get("results", [result])[0] if isinstance(result, dict) and "results" in result else result
     assert result["first_divergence"]["probe"] == "merge"
+
+
+# ------------------------------------------------------------------------------------------------
+# The tolerances on these twins (reports/calibration-multimodal.json, `gemma-harness calibrate --model …`)
+
+# Margins below 3x the float64 spread, documented (README, "Metrics and tolerances") rather than widened:
+# bf16 one-operation spreads of a sparse 3n MLP, the Gemma 4 towers' first layers and the E2B twin's
+# per-layer input; the 3n twin's bf16 logits (kl_max 2.6x); and, on gemma-4-e2b-mm-tiny only, the "vs
+# stream" drift a candidate giving no inputs would be judged by. Every bug meant to be caught still is,
+# at >= 3x its limit.
+SHORT_ALONE = {("bfloat16", "mlp"), ("bfloat16", "audio.layers.0.out"), ("bfloat16", "vision.layers.0.out"),
+               ("bfloat16", "ple_input")}
+
+
+def test_multimodal_calibration_holds_but_for_the_documented_shortfalls():
+    from pathlib import Path
+
+    from harness import calibrate
+
+    data = json.loads((Path(__file__).resolve().parent.parent / "reports/calibration-multimodal.json").read_text())
+    assert set(data["settings"]["models"]) == {TINY, "gemma-4-e2b-mm-tiny", "gemma-4-31b-mm-tiny", "gemma-3n-e2b-tiny"}
+    checks = calibrate.margins(data["rows"], data["mutants"])
+    below = [c for c in checks if not c["ok"]]
+    assert len(checks) > 300 and len(below) < len(checks) / 10
+    assert not [c for c in below if c["check"] == "bug"], [calibrate.describe(c) for c in below if c["check"] == "bug"]
+    assert {(c["dtype"], c["kind"]) for c in below if c["isolated"]} <= SHORT_ALONE
+    assert all("gemma-4-e2b-mm-tiny" in c["at"] or (c["kind"] == "logits" and "gemma-3n-e2b-tiny" in c["at"])
+               for c in below if not c["isolated"])
+    assert min(c["ratio"] for c in below) > 0.5
