@@ -100,7 +100,7 @@ def _cmd_configs(args) -> int:
         kinds = "".join("G" if layer.attention == "global" else "s" for layer in spec.layers)
         layer0 = spec.layers[0]
         rows.append({
-            "name": name, "family": spec.family, "layers": spec.num_layers, "hidden": spec.hidden_size,
+            "name": name, "family": spec.hf_config.get("model_type", spec.family), "layers": spec.num_layers, "hidden": spec.hidden_size,
             "heads": f"{layer0.num_heads}/{layer0.num_kv_heads}x{layer0.head_dim}", "window": spec.max_window,
             "pattern": kinds, "params": count_parameters(spec)["total"],
         })
