@@ -262,7 +262,8 @@ def compare_implementations(label: str, hf_config: dict, state: dict, batch: Bat
         adapter.load(hf_config, state, torch_dtype)
         runs, result.capabilities = run_candidate(adapter, batch)
         _check_untouched(adapter.name, state, before)
-        generated = adapter.generate(batch, DECODE_STEPS) if supports(adapter, "generate") else None
+        # the greedy-decode check feeds the reference's cached decode text only: not on a batch with media
+        generated = adapter.generate(batch, DECODE_STEPS) if supports(adapter, "generate") and not batch.media else None
     except AdapterError as exc:
         result.error = str(exc)
     except Exception as exc:  # noqa: BLE001 - a crashing candidate is a result, not a crash of the gate

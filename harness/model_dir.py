@@ -83,5 +83,44 @@ def write_model_dir(path: str | Path, hf_config: Mapping, state_dict: Mapping[st
     (path / "config.json").write_text(json.dumps(config, indent=1))
     save_file({name: t.detach().to(dtype).contiguous() for name, t in state_dict.items()},
               str(path / "model.safetensors"), metadata={"format": "pt"})
-    write_tokenizer(path, hf_config)
+    write_tokenizer(path, hf_config["text_config"] if isinstance(hf_config.get("text_config"), Mapping) else hf_config)
     return path
+
+
+NEWLINES = ("\n", "\n\n", "\n\n\n", "\n\n\n\n")
+
+
+def write_processor_config(path: str | Path, hf_config: Mapping) -> None:
+    """An image-text model's processor files beside its checkpoint (nothing for other models), for servers
+    that run HF's processor on the images (vLLM).
+
+    Gemma 3 (``gemma3``): ``processor_config.json`` (``image_seq_length`` = the twin's soft tokens per
+    image) and ``preprocessor_config.json`` for HF's ``Gemma3ImageProcessorPil`` at the twin's image size,
+    with resize, rescale and normalisation off: the harness's images are already the processor's output
+    ((3, S, S) in [-1, 1]), so they pass through unchanged. The tokenizer gains what the processor and
+    vLLM's Gemma 3 processing read: ``boi_token`` / ``eoi_token`` / ``image_token`` (the config's ids, as
+    special tokens) and the newline tokens ``\n`` .. ``\n\n\n\n`` at ids past the model's vocabulary
+    (never produced: the tokenizer splits on whitespace), so the image replacement it builds,
+    ``\n\n<boi><image>*N<eoi>\n\n``, encodes to exactly ``<boi> <image>*N <eoi>``."""
+    path = Path(path)
+    if hf_config.get("model_type") != "gemma3" or not isinstance(hf_config.get("vision_config"), Mapping):
+        return
+    text, vision = hf_config["text_config"], hf_config["vision_config"]
+    size = int(vision["image_size"])
+    (path / "processor_config.json").write_text(json.dumps(
+        {"processor_class": "Gemma3Processor", "image_seq_length": int(hf_config["mm_tokens_per_image"])}, indent=1))
+    (path / "preprocessor_config.json").write_text(json.dumps({
+        "image_processor_type": "Gemma3ImageProcessorPil", "processor_class": "Gemma3Processor",
+        "size": {"height": size, "width": size}, "do_resize": False, "do_rescale": False, "do_normalize": False,
+        "do_convert_rgb": False, "do_pan_and_scan": False, "image_mean": [0.5] * 3, "image_std": [0.5] * 3,
+        "resample": 2}, indent=1))
+    tokens = {"boi_token": hf_config["boi_token_index"], "eoi_token": hf_config["eoi_token_index"],
+              "image_token": hf_config["image_token_index"]}
+    vocab = {i: token for token, i in vocabulary(text).items()}
+    tokenizer = json.loads((path / "tokenizer.json").read_text())
+    for k, newline in enumerate(NEWLINES):
+        tokenizer["model"]["vocab"][newline] = int(text["vocab_size"]) + k
+    (path / "tokenizer.json").write_text(json.dumps(tokenizer))
+    tokenizer_config = json.loads((path / "tokenizer_config.json").read_text())
+    tokenizer_config["extra_special_tokens"] = {key: vocab[int(i)] for key, i in tokens.items()}
+    (path / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=1))

@@ -38,7 +38,8 @@ from pathlib import Path
 import torch
 
 from ..decode_check import DECODE_STEPS
-from ..model_dir import write_model_dir
+from ..model_dir import write_model_dir, write_processor_config
+from ..probes import is_media
 from ..synthetic import Batch
 from .base import Adapter, AdapterError, last_error_line
 
@@ -46,6 +47,37 @@ HEAD_SIZES = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)  # vLLM CPU att
 MIN_HEAD_DIM = HEAD_SIZES[0]
 MOE_HIDDEN_ALIGNMENT = 32  # vLLM CPU MoE experts: hidden size divisible by 32 (CPUExpertsBase.output_alignment)
 REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+def _tower_head(vision: Mapping) -> int | str:
+    if vision.get("head_dim"):
+        return int(vision["head_dim"])
+    heads = vision.get("num_attention_heads")
+    return vision["hidden_size"] // heads if heads and vision.get("hidden_size") else "?"
+
+
+def _media(batch: Batch) -> list[dict] | None:
+    """Per row, what the worker hands vLLM besides the prompt ids: the row's images (Gemma 3: the gate's
+    already-processed (3, S, S) pixels as (S, S, 3) float32 arrays, which the model directory's processor
+    config passes through unchanged), or None for a text batch."""
+    if batch.pixel_values is None and batch.audio_features is None:
+        return None
+    rows = []
+    for row in range(batch.input_ids.shape[0]):
+        item = {}
+        if batch.pixel_values is not None:
+            keep = batch.image_rows == row
+            pixels = batch.pixel_values[keep]  # Gemma 3: (I, 3, S, S) images; Gemma 4: (I, P, 3 * p * p) patches
+            item["images"] = [p.permute(1, 2, 0).float().contiguous() if p.dim() == 3 else p.float() for p in pixels]
+            if batch.image_position_ids is not None:
+                item["image_position_ids"] = [p for p in batch.image_position_ids[keep]]
+        if batch.audio_features is not None:
+            keep = batch.audio_rows == row
+            item["audio_features"] = [f for f in batch.audio_features[keep]]
+        rows.append(item)
+    return rows
+
+
 class VLLMAdapter(Adapter):
     name = "vllm"
     logits_form = "logprobs"
@@ -64,7 +96,10 @@ class VLLMAdapter(Adapter):
         """The twin with its head dims doubled (all by the same factor) until the smallest reaches 32, each
         rounded up to a size vLLM's CPU attention has, and (MoE) the hidden size rounded up to a multiple
         of 32. Noted in the result."""
-        config = dict(hf_config)
+        full = dict(hf_config)
+        # an image-text model: the text model's geometry is in text_config (the towers' attention is vLLM's
+        # MM-encoder attention, torch SDPA on CPU, which takes their head sizes as they are)
+        config = dict(full["text_config"]) if isinstance(full.get("text_config"), Mapping) else full
         notes = []
         keys = [key for key in ("head_dim", "global_head_dim") if config.get(key)]
         factor = 1  # one factor for every head geometry, so Gemma 4's local and global sizes stay distinct
@@ -85,13 +120,24 @@ class VLLMAdapter(Adapter):
         self.config_note = f"{', '.join(notes)} ({'; '.join(why)})" if notes else ""
         if self.prefill_chunk:
             self.config_note += f"; vLLM prefills {self.prefill_chunk} tokens per forward (chunked prefill)"
-        return config
+        if config is not full:
+            full["text_config"] = config
+            self.config_note += ("; vision tower unchanged (head size "
+                                 f"{_tower_head(full.get('vision_config') or {})}: vLLM's CPU MM-encoder attention is "
+                                 "torch SDPA, any head size)") if full.get("vision_config") else ""
+        return full
 
     def load(self, hf_config: Mapping, state_dict: Mapping[str, torch.Tensor], dtype: torch.dtype) -> None:
         self.close()
         self._dir = Path(tempfile.mkdtemp(prefix="gemma-harness-vllm-"))
         self.dtype = str(dtype).removeprefix("torch.")
+        if hf_config.get("model_type") == "gemma3":  # the published checkpoints' SigLIP layout, which vLLM loads
+            tower = "model.vision_tower."
+            state_dict = {tower + "vision_model." + k.removeprefix(tower)
+                          if k.startswith(tower) and not k.startswith(tower + "vision_model.") else k: v
+                          for k, v in state_dict.items()}
         write_model_dir(self._dir / "model", hf_config, state_dict, torch.float32)
+        write_processor_config(self._dir / "model", hf_config)
         self._greedy = None
 
     def close(self) -> None:
@@ -108,7 +154,11 @@ class VLLMAdapter(Adapter):
         out = self._dir / "out.pt"
         out.unlink(missing_ok=True)
         request = {"model_dir": str(self._dir / "model"), "dtype": self.dtype, "prompts": batch.prompts(),
-                   "decode_steps": decode_steps, "prefill_chunk": self.prefill_chunk, "out": str(out)}
+                   "decode_steps": decode_steps, "prefill_chunk": self.prefill_chunk, "out": str(out), "media": None}
+        media = _media(batch)
+        if media is not None:
+            request["media"] = str(self._dir / "media.pt")
+            torch.save(media, request["media"])
         (self._dir / "request.json").write_text(json.dumps(request))
         env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
                "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))}
@@ -129,10 +179,13 @@ class VLLMAdapter(Adapter):
         return data
 
     def run(self, batch: Batch) -> dict[str, torch.Tensor]:
-        data = self._call(batch, self.decode_steps)
+        # the gate judges no greedy decode on a batch with media (its check feeds the reference's cached decode
+        # text only): vLLM need not generate there
+        steps = 0 if batch.media else self.decode_steps
+        data = self._call(batch, steps)
         rows = data["rows"]
         self.environment["vllm_prefill_forwards"] = [r["prefill_calls"] for r in rows]
-        self._greedy = (batch, self.decode_steps, self._continuations(rows) if self.decode_steps else [])
+        self._greedy = (batch, steps, self._continuations(rows) if steps else [])
         return self._assemble(batch, [r["probes"] for r in rows])
 
     def generate(self, batch: Batch, steps: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -153,8 +206,12 @@ class VLLMAdapter(Adapter):
         b, t = batch.input_ids.shape
         out = {}
         for name in rows[0]:
+            if is_media(name):  # (items, tokens, ...) per row, rows in order: the batch's item order
+                out[name] = torch.cat([probes[name] for probes in rows if name in probes])
+                continue
             full = torch.zeros(b, t, *rows[0][name].shape[1:])
             for r, probes in enumerate(rows):
                 full[r, batch.attention_mask[r].bool()] = probes[name]
             out[name] = full
         return out
+
