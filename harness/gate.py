@@ -452,10 +452,12 @@ def _judge(spec, reference, runs, tol, reasons, logits_form="logits") -> list[Pr
 
 def _judge_probe(spec, reference, probe, runs: list[_Run], tol, reasons) -> ProbeResult:
     reason = reasons.get(probe) or reasons.get("*", "")
-    if probe_names.is_media(probe):  # (images, tokens, ...): every token is real; runs without images have none
-        runs = [r for r in runs if probe in r.ref] or runs[:1]
-        valid = [torch.ones(r.ref[probe].shape[:2], dtype=torch.bool) if probe in r.ref else r.batch.valid[:0]
-                 for r in runs]
+    if probe_names.is_media(probe):  # (items, tokens, ...): every token is real; runs without the media have none
+        runs = [r for r in runs if probe in r.ref]
+        if not runs:
+            what = "audio" if probe.startswith("audio.") else "image"
+            return ProbeResult(probe, "unsupported", note=f"not judged: the batch holds no {what}")
+        valid = [torch.ones(r.ref[probe].shape[:2], dtype=torch.bool) for r in runs]
     elif probe == "logits" and spec.multimodal is not None:
         valid = [r.batch.valid & ~_placeholders(spec, r.batch) for r in runs]
     else:

@@ -154,3 +154,20 @@ def test_wrong_soft_token_count_is_a_one_line_count_mismatch_not_a_crash():
     assert not result.passed and result.error.startswith("soft-token count mismatch:")
     assert "tokens: 189, features: 186" in result.error or "tokens: 129, features: 127" in result.error
     assert "\n" not in result.error and "crashed" not in result.error
+
+
+def test_a_batch_without_audio_leaves_the_audio_probes_unjudged_not_crashed():
+    """An audio model given images only (the property suites draw such batches): the audio probes are
+    reported as not judged, everything else is judged."""
+    from harness.gate import compare_implementations
+    from harness.synthetic import Batch
+
+    spec = _spec(E2B)
+    full = make_batch(spec)
+    ids = full.input_ids.masked_fill(full.input_ids == spec.multimodal.audio_token_id, 7)  # text where audio was
+    batch = Batch(ids, full.attention_mask, full.position_ids, full.pixel_values, full.image_rows, full.image_position_ids)
+    result = compare_implementations(E2B, configs.hf_config(E2B), random_state_dict(spec), batch, candidate="hf")
+    assert result.passed, explain(result)
+    audio = [p for p in result.probes if p.name.startswith("audio.")]
+    assert audio and all(p.status == "unsupported" and "no audio" in p.note for p in audio)
+    assert all(p.status == "pass" for p in result.probes if p.name.startswith("vision."))
