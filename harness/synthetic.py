@@ -230,14 +230,12 @@ class Batch:
         return {name: getattr(self, name) for name in names if getattr(self, name) is not None}
 
     def _images_of(self, row: int) -> dict:
-        out = {}
-        if self.pixel_values is not None:
-            keep = self.image_rows == row
+        out = {}  # a row without images (or clips) gets none: a text row
+        if self.pixel_values is not None and bool((keep := self.image_rows == row).any()):
             out |= {"pixel_values": self.pixel_values[keep], "image_rows": torch.zeros(int(keep.sum()), dtype=torch.long)}
             if self.image_position_ids is not None:
                 out["image_position_ids"] = self.image_position_ids[keep]
-        if self.audio_features is not None:
-            keep = self.audio_rows == row
+        if self.audio_features is not None and bool((keep := self.audio_rows == row).any()):
             out |= {"audio_features": self.audio_features[keep], "audio_mask": self.audio_mask[keep],
                     "audio_rows": torch.zeros(int(keep.sum()), dtype=torch.long)}
         return out

@@ -13,13 +13,24 @@ litgpt (a real third-party implementation without a mask input) is ``harness.ada
 
 from __future__ import annotations
 
-from transformers import Gemma2ForCausalLM, Gemma3ForCausalLM
+from transformers import Gemma2ForCausalLM, Gemma3ForCausalLM, Gemma3ForConditionalGeneration
 
 from tests.mutants_cache import G2SlidingCacheWrapBug
 
 
 class Gemma2RejectsPadding(Gemma2ForCausalLM):
     MODEL = "gemma-2-2b-tiny"
+
+    def forward(self, input_ids=None, attention_mask=None, **kwargs):
+        if attention_mask is not None and not bool(attention_mask.bool().all()):
+            raise NotImplementedError("left padding is not supported: run one sequence at a time")
+        return super().forward(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+
+
+class Gemma3MultimodalRejectsPadding(Gemma3ForConditionalGeneration):
+    """An image-text port that runs one sequence at a time (no left padding)."""
+
+    MODEL = "gemma-3-4b-mm-tiny"
 
     def forward(self, input_ids=None, attention_mask=None, **kwargs):
         if attention_mask is not None and not bool(attention_mask.bool().all()):

@@ -302,3 +302,28 @@ def test_multimodal_calibration_holds_but_for_the_documented_shortfalls():
     assert all("gemma-4-e2b-mm-tiny" in c["at"] or (c["kind"] == "logits" and "gemma-3n-e2b-tiny" in c["at"])
                for c in below if not c["isolated"])
     assert min(c["ratio"] for c in below) > 0.5
+
+
+def test_a_port_without_padding_on_a_row_without_images_runs_row_by_row():
+    """Row by row (a port that cannot pad), a row that holds no image is a text row: no empty pixel batch."""
+    from harness.synthetic import Batch
+
+    spec = _spec()
+    full = make_batch(spec)
+    ids = full.input_ids.clone()
+    ids[1] = torch.where(ids[1] >= spec.multimodal.boi_token_id, 7, ids[1])  # row 1: text only
+    keep = full.image_rows == 0
+    batch = Batch(ids, full.attention_mask, full.position_ids, full.pixel_values[keep], full.image_rows[keep])
+    rows = batch.rows()
+    assert rows[0].pixel_values.shape[0] == 2 and rows[1].pixel_values is None and rows[1].media == {}
+    result = conform_rows(spec, batch)
+    assert result.passed, explain(result)
+    assert result.capabilities["padding"].status == "unsupported"
+
+
+def conform_rows(spec, batch):
+    from harness.gate import compare_implementations
+    from tests.ports import Gemma3MultimodalRejectsPadding
+
+    return compare_implementations(TINY, configs.hf_config(TINY), random_state_dict(spec), batch,
+                                   candidate=Gemma3MultimodalRejectsPadding)
