@@ -103,6 +103,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import ops
+from .ops import put as _put
 
 
 class AudioWeightError(ValueError):
@@ -317,12 +318,6 @@ def _act(name: str):
     if name not in _ACTS:
         raise ValueError(f"unsupported audio hidden_act {name!r}")
     return _ACTS[name]
-
-
-def _put(capture: dict | None, name: str, value: torch.Tensor) -> torch.Tensor:
-    if capture is not None:
-        capture[name] = value
-    return value
 
 
 def _clamp(x: torch.Tensor, limit: float) -> torch.Tensor:

@@ -86,7 +86,8 @@ from torch import nn
 
 from . import ops
 from .cache import KVCache
-from .model import MLP, Attention, Gemma, Linear, PerLayerInput, RMSNorm, _put, rope_tables
+from .model import MLP, Attention, Gemma, Linear, PerLayerInput, RMSNorm, rope_tables
+from .ops import put as _put
 from .spec import LayerSpec, ModelSpec
 from .weights import WeightError
 

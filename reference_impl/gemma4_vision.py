@@ -74,6 +74,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import ops
+from .ops import put as _put
 
 SUPPORTED_BUDGETS = (70, 140, 280, 560, 1120)  # ip4:33
 
@@ -149,12 +150,6 @@ def _split_config(hf_config: Mapping) -> tuple[Mapping, int]:
 
 # ----------------------------------------------------------------------------------------------------
 # building blocks
-
-
-def _put(capture: dict | None, name: str, value: torch.Tensor) -> torch.Tensor:
-    if capture is not None:
-        capture[name] = value
-    return value
 
 
 class ClippedLinear(nn.Module):

@@ -26,6 +26,7 @@ from torch import nn
 
 from . import ops
 from .cache import KVCache
+from .ops import put as _put
 from .siglip import Vision
 from .spec import SLIDING, Gemma4MediaSpec, LayerSpec, ModelSpec, MoESpec, MultimodalSpec
 
@@ -305,13 +306,6 @@ def image_blocks(is_image: torch.Tensor) -> torch.Tensor:
     previous = F.pad(is_image, (1, 0), value=False)[:, :-1]
     starts = is_image & ~previous
     return torch.where(is_image, torch.cumsum(starts.int(), dim=1) - 1, -1)
-
-
-def _put(capture: dict | None, name: str, value: torch.Tensor) -> torch.Tensor:
-    """Record a probe (when capturing) and pass the value on."""
-    if capture is not None:
-        capture[name] = value
-    return value
 
 
 class PerLayerEmbeddings(nn.Module):

@@ -9,6 +9,13 @@ import torch
 import torch.nn.functional as F
 
 
+def put(capture: dict | None, name: str, value: torch.Tensor) -> torch.Tensor:
+    """Record a probe in ``capture`` (when capturing) and pass the value on: every module's probes."""
+    if capture is not None:
+        capture[name] = value
+    return value
+
+
 def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float, offset: float, use_pow: bool = False) -> torch.Tensor:
     """Gemma RMSNorm: normalise and scale in fp32, one cast back at the end: ``(x̂ * (offset + w)).to(x)``.
 

@@ -26,13 +26,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import ops
+from .ops import put as _put
 from .spec import MultimodalSpec, SiglipSpec
-
-
-def _put(capture: dict | None, name: str, value: torch.Tensor) -> torch.Tensor:
-    if capture is not None:
-        capture[name] = value
-    return value
 
 
 class _Dense(nn.Module):
