@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import re
 
+from reference_impl.spec import Gemma4MediaSpec
+
 _LAYER_PROBE = re.compile(r"^layers\.(\d+)\.(\w+)$")
 
 # sublayer kind -> (what it is, what is inside it: where a bug is when it computes wrongly on the right input)
@@ -41,7 +43,7 @@ def vision(spec) -> list[str]:
     mm = getattr(spec, "multimodal", None)
     if mm is None:
         return []
-    if not hasattr(mm, "tokens_per_image"):  # Gemma 4
+    if isinstance(mm, Gemma4MediaSpec):
         from reference_impl.media import probe_names
 
         return probe_names(mm)
@@ -155,7 +157,7 @@ def _between(spec, name: str) -> str:
         return _either(["the post-MLP norm" if sandwich else "", "the residual add",
                         "the post-PLE norm and its add" if spec.ple is not None else "",
                         "the layer scalar" if getattr(spec, "layer_scalar", False) else ""])
-    gemma4 = getattr(spec, "multimodal", None) is not None and not hasattr(spec.multimodal, "tokens_per_image")
+    gemma4 = isinstance(getattr(spec, "multimodal", None), Gemma4MediaSpec)
     if gemma4 and (name in _GEMMA4_MEDIA or name.startswith(("vision.layers.", "audio.layers."))):
         return _GEMMA4_MEDIA.get(name) or _GEMMA4_MEDIA[name.split(".")[0] + ".layers"]
     if name in _IMAGE_PATH:

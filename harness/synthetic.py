@@ -26,7 +26,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from reference_impl.spec import ModelSpec
+from reference_impl.spec import Gemma4MediaSpec, ModelSpec, MultimodalSpec
 from reference_impl.weights import embedding_name, expected_shapes
 
 MIN_LENGTH = 40
@@ -282,7 +282,7 @@ class Batch:
 def default_length(spec: ModelSpec) -> int:
     window = spec.max_window or 0
     length = max(MIN_LENGTH, 3 * window)
-    if hasattr(spec.multimodal, "tokens_per_image"):  # room for two images and text around them
+    if isinstance(spec.multimodal, MultimodalSpec):  # Gemma 3: room for two images and text around them
         length = max(length, 2 * (spec.multimodal.tokens_per_image + 2) + 14)
     return length
 
@@ -391,7 +391,7 @@ def make_batch(spec: ModelSpec, seed: int = 0, length: int | None = None, left_p
     """Row 0: BOS + random ids over the whole vocabulary. Row 1: `left_pad` pad tokens, then the same.
     Image-text models: images (and audio clips) placed in both rows, see :func:`_place_images` and
     :data:`GEMMA4_IMAGES`."""
-    if spec.multimodal is not None and not hasattr(spec.multimodal, "tokens_per_image"):
+    if isinstance(spec.multimodal, Gemma4MediaSpec):
         return _gemma4_batch(spec, torch.Generator().manual_seed(seed + 1), left_pad)
     length = length or default_length(spec)
     gen = torch.Generator().manual_seed(seed + 1)

@@ -36,3 +36,25 @@ def exact_gelu(model: nn.Module, part: str = "mlp") -> None:
     """Every layer's ``part`` (``mlp`` or ``experts``) uses exact-erf GELU instead of the tanh approximation."""
     for layer in model.model.layers:
         getattr(layer, part).act_fn = nn.GELU()
+
+
+def image_block_masks(input_ids, padding, block_tokens, sliding_window: int, dtype, full_blocks: bool = True,
+                      window_over_blocks: bool = True) -> dict:
+    """A port's own additive attention masks for an image-text model, {"full_attention", "sliding_attention"}
+    (B, 1, T, T): causal, or both ways between tokens of one image block (a run of ``block_tokens``), padded
+    keys masked. Sliding layers: the window over everything (HF: AND(window, OR(causal, block))), or, with
+    ``window_over_blocks=False``, over the causal part only (OR(sliding, block)). Full layers see the blocks
+    when ``full_blocks`` (Gemma 3), else stay causal (Gemma 4)."""
+    t = input_ids.shape[1]
+    q, k = torch.arange(t)[:, None], torch.arange(t)[None, :]
+    is_image = torch.isin(input_ids, torch.tensor(block_tokens))
+    starts = is_image & ~nn.functional.pad(is_image, (1, 0))[:, :-1]
+    blocks = torch.where(is_image, starts.cumsum(1) - 1, -1)
+    same = (blocks[:, :, None] == blocks[:, None, :]) & (blocks[:, :, None] >= 0)
+    causal = (k <= q)[None]
+    window = k > q - sliding_window
+    keys = padding.bool()[:, None, :] if padding is not None else torch.ones_like(same)
+    full = ((causal | same) if full_blocks else causal.expand_as(same)) & keys
+    sliding = ((causal | same) & window if window_over_blocks else (causal & window) | same) & keys
+    return {name: torch.zeros(a.shape, dtype=dtype).masked_fill(~a, torch.finfo(dtype).min)[:, None]
+            for name, a in (("full_attention", full), ("sliding_attention", sliding))}

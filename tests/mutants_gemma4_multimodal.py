@@ -13,10 +13,10 @@ must report it as that run's one-line error (``tests/test_multimodal_gemma4.py``
 from __future__ import annotations
 
 import torch
-from torch import nn
 from transformers import Gemma4ForConditionalGeneration
 
 from tests.mutant_tools import bind as _bind
+from tests.mutant_tools import image_block_masks as _image_block_masks
 from tests.mutant_tools import private_config as _private_config
 
 E2B = "gemma-4-e2b-mm-tiny"  # clipped linears, an audio tower, causal media tokens
@@ -146,30 +146,14 @@ class CausalImages(_Mutant):
         return super().forward(*args, **kwargs)
 
 
-def _masks(config, input_ids, padding, global_blocks: bool, dtype):
-    """A port's own masks: sliding AND(window, OR(causal, image block)); global causal, or with the image
-    blocks too (Gemma 3's rule) when ``global_blocks``."""
-    t = input_ids.shape[1]
-    q, k = torch.arange(t)[:, None], torch.arange(t)[None, :]
-    is_image = (input_ids == config.image_token_id) | (input_ids == config.video_token_id)
-    starts = is_image & ~nn.functional.pad(is_image, (1, 0))[:, :-1]
-    blocks = torch.where(is_image, starts.cumsum(1) - 1, -1)
-    same = (blocks[:, :, None] == blocks[:, None, :]) & (blocks[:, :, None] >= 0)
-    causal = (k <= q)[None]
-    keys = padding.bool()[:, None, :]
-    sliding = (causal | same) & (k > q - config.text_config.sliding_window) & keys
-    full = ((causal | same) if global_blocks else causal.expand_as(same)) & keys
-    return {name: torch.zeros(a.shape, dtype=dtype).masked_fill(~a, torch.finfo(dtype).min)[:, None]
-            for name, a in (("full_attention", full), ("sliding_attention", sliding))}
-
-
 class _OwnMasks(_Mutant):
     MODEL = B31
     GLOBAL_BLOCKS = False
 
     def forward(self, input_ids=None, attention_mask=None, mm_token_type_ids=None, **kwargs):
         dtype = next(self.parameters()).dtype
-        masks = _masks(self.config, input_ids, attention_mask, self.GLOBAL_BLOCKS, dtype)
+        masks = _image_block_masks(input_ids, attention_mask, (self.config.image_token_id, self.config.video_token_id),
+                                   self.config.text_config.sliding_window, dtype, full_blocks=self.GLOBAL_BLOCKS)
         return super().forward(input_ids=input_ids, attention_mask=masks, **kwargs)
 
 

@@ -19,6 +19,7 @@ from torch import nn
 from transformers import Gemma3ForConditionalGeneration
 
 from tests.mutant_tools import bind as _bind
+from tests.mutant_tools import image_block_masks as _image_block_masks
 
 MODEL = "gemma-3-4b-mm-tiny"
 
@@ -173,25 +174,6 @@ class CausalImageMask(_Mutant):
         return super().forward(*args, **kwargs)
 
 
-def _image_masks(config, input_ids, padding, rule: str, dtype):
-    """The port's own additive masks, {"full_attention", "sliding_attention"}: (B, 1, T, T)."""
-    t = input_ids.shape[1]
-    q, k = torch.arange(t)[:, None], torch.arange(t)[None, :]
-    is_image = input_ids == config.image_token_id
-    starts = is_image & ~nn.functional.pad(is_image, (1, 0))[:, :-1]
-    blocks = torch.where(is_image, starts.cumsum(1) - 1, -1)
-    same = (blocks[:, :, None] == blocks[:, None, :]) & (blocks[:, :, None] >= 0)
-    causal = (k <= q)[None]
-    window = k > q - config.text_config.sliding_window
-    keys = padding.bool()[:, None, :] if padding is not None else torch.ones_like(same)
-    full = (causal | same) & keys
-    sliding = ((causal & window) | same) if rule == "or_window" else ((causal | same) & window)
-    masks = {}
-    for name, allowed in (("full_attention", full), ("sliding_attention", sliding & keys)):
-        masks[name] = torch.zeros(allowed.shape, dtype=dtype).masked_fill(~allowed, torch.finfo(dtype).min)[:, None]
-    return masks
-
-
 class _OwnMasks(_Mutant):
     """A port that builds its own image-block masks (the rule below) and hands them to HF's model."""
 
@@ -199,7 +181,9 @@ class _OwnMasks(_Mutant):
 
     def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, **kwargs):
         dtype = next(self.parameters()).dtype
-        masks = _image_masks(self.config, input_ids, attention_mask, self.RULE, dtype)
+        masks = _image_block_masks(input_ids, attention_mask, (self.config.image_token_id,),
+                                   self.config.text_config.sliding_window, dtype,
+                                   window_over_blocks=self.RULE == "and_window")
         return super().forward(input_ids=input_ids, attention_mask=masks, **kwargs)
 
 
