@@ -576,18 +576,7 @@ class Gemma4AudioTower(nn.Module):
         spec = AudioSpec.from_hf(hf_config)
         with torch.device("meta"):
             tower = cls(spec, dtype)
-        mine = {_hf_name(name): name for name in _tensors(tower)}
-        shapes = {hf: tuple(t.shape) for hf, t in zip(mine, _tensors(tower).values(), strict=True)}
-        for hf, shape in shapes.items():
-            if hf not in state_dict:
-                raise AudioWeightError(f"missing tensor {hf!r} (expected shape {shape})")
-            if tuple(state_dict[hf].shape) != shape:
-                raise AudioWeightError(f"tensor {hf!r} has shape {tuple(state_dict[hf].shape)}, expected {shape}")
-        for name in state_dict:
-            if name.startswith(_PREFIXES) and name not in mine:
-                raise AudioWeightError(f"unexpected tensor {name!r} (shape {tuple(state_dict[name].shape)})")
-        loaded = {ref: state_dict[hf].detach().to("cpu", dtype) for hf, ref in mine.items()}
-        tower.load_state_dict(loaded, strict=True, assign=True)
+        tower.load_state_dict(_checked(tower, _hf_name, state_dict, dtype), strict=True, assign=True)
         return tower.eval()
 
     # -- forward -----------------------------------------------------------------------------------
@@ -643,6 +632,22 @@ _PREFIXES = ("model.audio_tower.", "model.embed_audio.")
 
 def _hf_name(name: str) -> str:
     return "model." + name if name.startswith("embed_audio.") else "model.audio_tower." + name
+
+
+def _checked(tower: nn.Module, hf_name, state_dict: Mapping[str, torch.Tensor], dtype) -> dict[str, torch.Tensor]:
+    """The tower's state dict (its own names, in ``dtype``) from an HF-named one, strictly: a missing,
+    misshaped or unexpected ``model.audio_tower.*`` / ``model.embed_audio.*`` tensor raises
+    :class:`AudioWeightError` naming it; every other name is ignored."""
+    mine = {hf_name(name): (name, tuple(t.shape)) for name, t in _tensors(tower).items()}
+    for hf, (_, shape) in mine.items():
+        if hf not in state_dict:
+            raise AudioWeightError(f"missing tensor {hf!r} (expected shape {shape})")
+        if tuple(state_dict[hf].shape) != shape:
+            raise AudioWeightError(f"tensor {hf!r} has shape {tuple(state_dict[hf].shape)}, expected {shape}")
+    for name in state_dict:
+        if name.startswith(_PREFIXES) and name not in mine:
+            raise AudioWeightError(f"unexpected tensor {name!r} (shape {tuple(state_dict[name].shape)})")
+    return {ref: state_dict[hf].detach().to("cpu", dtype) for hf, (ref, _) in mine.items()}
 
 
 def _tensors(module: nn.Module) -> dict[str, torch.Tensor]:
@@ -940,19 +945,8 @@ class Gemma3nAudioTower(nn.Module):
 
     @classmethod
     def from_hf(cls, hf_config, state_dict: Mapping[str, torch.Tensor], dtype: torch.dtype = torch.float32) -> Gemma3nAudioTower:
-        spec = Audio3nSpec.from_hf(hf_config)
-        tower = cls(spec, dtype)
-        mine = {_hf_name_3n(k): k for k in _tensors(tower)}
-        shapes = cls.expected_shapes(hf_config)
-        for hf, shape in shapes.items():
-            if hf not in state_dict:
-                raise AudioWeightError(f"missing tensor {hf!r} (expected shape {shape})")
-            if tuple(state_dict[hf].shape) != shape:
-                raise AudioWeightError(f"tensor {hf!r} has shape {tuple(state_dict[hf].shape)}, expected {shape}")
-        for name in state_dict:
-            if name.startswith(_PREFIXES) and name not in mine:
-                raise AudioWeightError(f"unexpected tensor {name!r} (shape {tuple(state_dict[name].shape)})")
-        tower.load_state_dict({ref: state_dict[hf].detach().to("cpu", dtype) for hf, ref in mine.items()}, strict=True)
+        tower = cls(Audio3nSpec.from_hf(hf_config), dtype)  # not on meta: its fixed buffers are built here
+        tower.load_state_dict(_checked(tower, _hf_name_3n, state_dict, dtype), strict=True)
         return tower.eval()
 
     @torch.no_grad()
