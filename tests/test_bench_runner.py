@@ -279,9 +279,15 @@ def test_regression_gate_flags_a_real_slowdown_and_stays_quiet_on_the_same_code(
         proc = _bench(suite, "--out", tmp_path / run, "-q", env={"GEMMA_TEST_SLOWDOWN": slow})
         assert proc.returncode == 0, proc.stderr[-2000:]
     base, same, slow = (records.load([tmp_path / run]) for run in ("base", "same", "slow"))
-    quiet = compare(same, base)
+    # The gate's default 5 % threshold is meant for a quiet benchmark machine. On CI's 2 shared cores the
+    # same code, one thread, measured -6.0 to +5.8 % between runs (this test failed 1 of 3 fresh-clone CI
+    # runs at 5 %, 2026-11-30), while doing the forward twice measured +83 to +93 % (2026-12-01). At 25 %
+    # the threshold sits 4x above that drift and 3x below the slowdown, so both verdicts test the gate's
+    # rule (size AND significance) rather than this machine's between-run noise.
+    threshold = 0.25
+    quiet = compare(same, base, threshold=threshold)
     assert not quiet.failed, quiet.markdown()
-    flagged = compare(slow, base)
+    flagged = compare(slow, base, threshold=threshold)
     assert flagged.failed and {c.metric for c in flagged.regressions} >= {"tpot_ms", "e2el_ms"}, flagged.markdown()
     report = subprocess.run([sys.executable, "-m", "harness.cli", "report", tmp_path / "slow", "--baseline",
                              tmp_path / "base", "--md", tmp_path / "r.md"], cwd=ROOT, capture_output=True, text=True)
