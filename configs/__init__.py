@@ -32,12 +32,14 @@ __all__ = ["ConfigError", "CONFIG_DIR", "names", "load", "hf_config", "text_conf
 CONFIG_DIR = Path(__file__).resolve().parent
 
 _MODEL_TYPES = {1: "gemma", 2: "gemma2", 3: "gemma3_text", 4: "gemma4_text"}
-_MULTIMODAL_TYPES = {3: "gemma3", 4: "gemma4"}  # generation -> the HF model type of its image-text models
-_BEYOND_CORE = {"gemma3", "gemma4", "gemma3n_text"}  # model types outside the core text decoders
+_MULTIMODAL_TYPES = {3: ("gemma3", "gemma3n"), 4: ("gemma4",)}  # generation -> HF model types of its image-text models
+_BEYOND_CORE = {"gemma3", "gemma4", "gemma3n_text", "gemma3n"}  # model types outside the core text decoders
 _HF_MULTIMODAL = {
     "gemma3": ("vision_config", "mm_tokens_per_image", "image_token_index", "boi_token_index", "eoi_token_index"),
     "gemma4": ("vision_config", "audio_config", "image_token_id", "audio_token_id", "video_token_id", "boi_token_id",
                "eoi_token_id", "boa_token_id", "eoa_token_index"),
+    "gemma3n": ("vision_config", "audio_config", "vision_soft_tokens_per_image", "audio_soft_tokens_per_image",
+                "image_token_id", "audio_token_id", "boi_token_id", "eoi_token_id", "boa_token_id", "eoa_token_id"),
 }
 
 _TOP_KEYS = ("name", "generation", "tiny_of", "description", "published_params", "hf_config")
@@ -137,8 +139,8 @@ def _validate(path: Path, data: Any) -> None:
     if tiny_of is None:
         if not isinstance(pub, dict):
             raise _fail(path, "key 'published_params' must be an object for a released variant")
-        image_text = isinstance(data["hf_config"], dict) and data["hf_config"].get("model_type") == "gemma4"
-        # Gemma 4's image-text models are published as one total (no embedding split)
+        image_text = isinstance(data["hf_config"], dict) and data["hf_config"].get("model_type") in ("gemma4", "gemma3n")
+        # Gemma 4's and Gemma 3n's image-text models are published as one total (no embedding split)
         for key in ("total", "tolerance", "source", "scope") if image_text else _PUBLISHED_KEYS:
             if key not in pub:
                 raise _fail(path, f"missing required key 'published_params.{key}'")
@@ -150,7 +152,7 @@ def _validate(path: Path, data: Any) -> None:
     hf = data["hf_config"]
     if not isinstance(hf, dict):
         raise _fail(path, "key 'hf_config' must be an object")
-    if hf.get("model_type") == _MULTIMODAL_TYPES.get(gen):
+    if hf.get("model_type") in _MULTIMODAL_TYPES.get(gen, ()):
         _validate_multimodal(path, hf)
         return
     model_type = hf.get("model_type")

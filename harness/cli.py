@@ -279,7 +279,10 @@ def _cmd_conform(args) -> int:
     if not args.quiet:
         if len(results) > 1:
             print("\n" + report.summary_table(results))
-        print(f"\n{len(results) - len(failed)} passed, {len(failed)} failed ({sum(r.wall_s for r in results):.1f} s)")
+        not_run = sum(1 for r in results if r.not_run)
+        print(f"\n{len(results) - len(failed) - not_run} passed, {len(failed)} failed"
+              + (f", {not_run} not run (unsupported here)" if not_run else "")
+              + f" ({sum(r.wall_s for r in results):.1f} s)")
     return EXIT_OK if not failed else EXIT_FAIL
 
 

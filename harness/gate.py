@@ -58,6 +58,9 @@ class ConformanceResult:
     environment: dict = field(default_factory=dict)
     capabilities: dict[str, Capability] = field(default_factory=dict)
     key: dict = field(default_factory=dict)  # what determines the result (Plan.key): --resume reuses only a match
+    # the candidate cannot run this model here at all (e.g. a dependency it needs is missing), and why: not a
+    # failure, nothing judged
+    not_run: str | None = None
 
     @property
     def lacking(self) -> list[str]:
@@ -66,7 +69,10 @@ class ConformanceResult:
 
     @property
     def passed(self) -> bool:
-        return self.error is None and bool(self.probes) and all(p.passed for p in self.probes)
+        """Nothing failed: every probe passed (or is unsupported), or the candidate could not run here at all."""
+        if self.error is not None:
+            return False
+        return self.not_run is not None or (bool(self.probes) and all(p.passed for p in self.probes))
 
     @property
     def first_divergence(self) -> ProbeResult | None:
@@ -87,6 +93,8 @@ class ConformanceResult:
         wraps probe names (e.g. a backtick for Markdown)."""
         if self.error:
             return self.error
+        if self.not_run:
+            return f"not run: {self.not_run}"
         lacking = "".join(f"; {line}" for line in self.lacking)
         first = self.first_divergence
         if first is not None:
@@ -101,6 +109,8 @@ class ConformanceResult:
     def verdict(self) -> str:
         if self.error:
             return f"ERROR {self.model} [{self.dtype}] {self.candidate}: {self.error}"
+        if self.not_run:
+            return f"UNSUPPORTED {self.model} [{self.dtype}] {self.candidate}: {self.not_run}"
         first = self.first_divergence
         if first is not None:
             where = f"layer {first.layer} {first.sublayer}" if first.layer is not None else first.name
@@ -126,6 +136,7 @@ class ConformanceResult:
                 "status": first.status, "note": first.note,
             },
             "error": self.error,
+            "not_run": self.not_run,
             "closest_to_failing": None if self.closest is None else {
                 "probe": self.closest.name, "headroom": self.closest.headroom(),
             },
@@ -259,21 +270,26 @@ def compare_implementations(label: str, hf_config: dict, state: dict, batch: Bat
         adapter = resolve(candidate)
         result.candidate = adapter.name
         before = _fingerprint(state)
-        adapter.load(hf_config, state, torch_dtype)
-        runs, result.capabilities = run_candidate(adapter, batch)
-        _check_untouched(adapter.name, state, before)
-        # the greedy-decode check feeds the reference's cached decode text only: not on a batch with media
-        generated = adapter.generate(batch, DECODE_STEPS) if supports(adapter, "generate") and not batch.media else None
+        try:
+            adapter.load(hf_config, state, torch_dtype)
+        except Unsupported as exc:  # this candidate cannot build this model here: reported, not a failure
+            result.not_run = exc.reason
+        else:
+            runs, result.capabilities = run_candidate(adapter, batch)
+            _check_untouched(adapter.name, state, before)
+            # the greedy-decode check feeds the reference's cached decode text only: not on a batch with media
+            generated = adapter.generate(batch, DECODE_STEPS) if supports(adapter, "generate") and not batch.media else None
     except AdapterError as exc:
         result.error = str(exc)
     except Exception as exc:  # noqa: BLE001 - a crashing candidate is a result, not a crash of the gate
         result.error = count_mismatch(exc) or f"candidate crashed: {crash_line(exc)}"
     else:
-        result.probes = _judge(spec, reference, runs, tol, adapter.unsupported or {}, adapter.logits_form)
-        if generated is not None:
-            result.probes.append(judge_greedy(reference, batch.prompts(), generated, tol))
-        if any(out.get("logits") is None for _, out in runs):
-            result.error = "candidate returned no logits"
+        if result.not_run is None:
+            result.probes = _judge(spec, reference, runs, tol, adapter.unsupported or {}, adapter.logits_form)
+            if generated is not None:
+                result.probes.append(judge_greedy(reference, batch.prompts(), generated, tol))
+            if any(out.get("logits") is None for _, out in runs):
+                result.error = "candidate returned no logits"
     finally:
         if adapter is not None:
             adapter.close()  # e.g. vLLM's model directory
@@ -566,5 +582,5 @@ def result_from_json(data: dict) -> ConformanceResult:
         probes=probes, error=data.get("error"), inputs=data.get("inputs", ""), seed=data.get("seed", 0),
         wall_s=data.get("wall_s", 0.0), environment=data.get("environment", {}),
         capabilities={f: Capability(c["status"], c.get("reason", "")) for f, c in data.get("capabilities", {}).items()},
-        key=data.get("key") or {},
+        key=data.get("key") or {}, not_run=data.get("not_run"),
     )

@@ -52,7 +52,10 @@ def _locate(name: str) -> tuple[int | None, str]:
 
 def for_spec(spec) -> list[str]:
     """Every probe of a Gemma 3n model, in forward order."""
-    names = ["embed", "altup_streams"]
+    from .probes import vision
+
+    merge = ["merge"] if spec.multimodal is not None else []
+    names = [*vision(spec), "embed", *merge, "altup_streams"]
     for layer in spec.layers:
         names += [f"layers.{layer.index}.{kind}" for kind in PER_LAYER]
     return names + ["final_norm_input", "final_norm", "logits"]
@@ -61,8 +64,9 @@ def for_spec(spec) -> list[str]:
 def upstream_values(spec, name: str) -> list[str] | None:
     """The probes a stream probe is computed from (see the module docstring), or None for the sublayers
     (``attn``, ``mlp``, ``ple``, ``final_norm``: rerun on their ``*_input``), ``embed`` and ``logits``."""
+    context = "merge" if spec.multimodal is not None else "embed"  # what the streams and PLE projection read
     if name == "altup_streams":
-        return ["embed"]
+        return [context]
     if name == "final_norm_input":
         return [f"layers.{spec.num_layers - 1}.out"]
     layer, kind = _locate(name)
@@ -76,7 +80,7 @@ def upstream_values(spec, name: str) -> list[str] | None:
         "laurel": [f"{p}.attn_input"],
         "mlp_input": [f"{p}.altup_predict", f"{p}.attn", f"{p}.laurel"],
         "altup_correct": [f"{p}.altup_predict", f"{p}.attn", f"{p}.laurel", f"{p}.mlp"],
-        "ple_input": [f"{p}.altup_correct", "embed"],
+        "ple_input": [f"{p}.altup_correct", context],
         "out": [f"{p}.altup_correct", f"{p}.ple"],
     }.get(kind)
 
@@ -95,7 +99,7 @@ _SUBLAYERS = {  # kind -> (what it is, what is inside it)
 def _between(spec, name: str) -> tuple[str, str]:
     """(the probe right before the operations producing stream probe ``name``, what those operations are)."""
     if name == "altup_streams":
-        return "embed", ("the AltUp stream expansion: streams 1.. are the altup_projections of the embedding, "
+        return "merge" if spec.multimodal is not None else "embed", ("the AltUp stream expansion: streams 1.. are the altup_projections of the embedding, "
                          "rescaled to its RMS (mean square clamped at 1e-5)")
     if name == "final_norm_input":
         return f"layers.{spec.num_layers - 1}.out", (
@@ -164,12 +168,34 @@ def hf_targets(model) -> dict[str, torch.nn.Module]:
     ``probe + "_input"``: ``attn_input``, ``mlp_input``, ``ple_input``, ``final_norm_input``). The stream
     probes (``altup_streams``, ``altup_predict``, ``altup_correct``, ``out``) are no module's (B, T, ...)
     output: :func:`hf_method_probes` records them."""
-    lm = model.model
+    lm = language_model(model)
     targets = {"embed": lm.embed_tokens, "final_norm": lm.norm}
+    if lm is not model.model:  # Gemma3nForConditionalGeneration: the media paths too
+        targets |= hf_media_targets(model.model)
     for i, layer in enumerate(lm.layers):
         targets |= {f"layers.{i}.attn": layer.self_attn, f"layers.{i}.laurel": layer.laurel,
                     f"layers.{i}.mlp": layer.mlp, f"layers.{i}.ple": layer.per_layer_projection}
     return targets
+
+
+def language_model(model):
+    """The text decoder: ``model.model`` (Gemma3nForCausalLM) or ``model.model.language_model``."""
+    return getattr(model.model, "language_model", None) or model.model
+
+
+def hf_media_targets(inner) -> dict[str, torch.nn.Module]:
+    """Gemma3nModel's media paths: timm's MobileNet-V5 stem, every block of every stage (flat, in order)
+    and its fusion adapter, ``embed_vision`` (soft calls only: the adapter skips its hard-token call); the
+    audio tower's subsampling, conformer blocks and output, ``embed_audio`` (soft calls only)."""
+    timm_model = inner.vision_tower.timm_model
+    blocks = [block for stage in timm_model.blocks for block in stage]
+    targets = {"vision.embed": timm_model.conv_stem}
+    targets |= {f"vision.layers.{i}.out": block for i, block in enumerate(blocks)}
+    targets |= {"vision.pool": timm_model.msfa, "vision.proj": inner.embed_vision}
+    audio = inner.audio_tower
+    targets["audio.embed"] = audio.subsample_conv_projection
+    targets |= {f"audio.layers.{i}.out": block for i, block in enumerate(audio.conformer)}
+    return targets | {"audio.out": audio, "audio.proj": inner.embed_audio}
 
 
 def _flat(streams: torch.Tensor) -> torch.Tensor:
@@ -192,11 +218,14 @@ def hf_method_probes(model, captured: dict, b: int, t: int) -> Iterator[None]:
     """During the forward, record the stream probes as (B, T, n * H): ``altup_streams`` (layer 0's input),
     each layer's AltUp ``predict`` and ``correct`` results (methods, wrapped on the instance and restored
     afterwards; a port's own bound methods included) and each layer's output (``out``)."""
-    lm = model.model
+    lm = language_model(model)
     handles, wrapped = [], []
 
     def streams_in(_module, args, kwargs):
         captured["altup_streams"] = _flat(args[0] if args else kwargs["hidden_states"])
+
+    def merged_in(_module, _args, kwargs):  # what the decoder reads: the text with the media merged
+        captured["merge"] = kwargs["inputs_embeds"].detach()
 
     def streams_out(name):
         def record(_module, _args, output):
@@ -206,6 +235,8 @@ def hf_method_probes(model, captured: dict, b: int, t: int) -> Iterator[None]:
 
     try:
         handles.append(lm.layers[0].register_forward_pre_hook(streams_in, with_kwargs=True))
+        if lm is not model.model:
+            handles.append(lm.register_forward_pre_hook(merged_in, with_kwargs=True))
         for i, layer in enumerate(lm.layers):
             handles.append(layer.register_forward_hook(streams_out(f"layers.{i}.out")))
             for method, kind in (("predict", "altup_predict"), ("correct", "altup_correct")):

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import re
 
-from reference_impl.spec import Gemma4MediaSpec
+from reference_impl.spec import Gemma3nMediaSpec, Gemma4MediaSpec
 
 _LAYER_PROBE = re.compile(r"^layers\.(\d+)\.(\w+)$")
 
@@ -47,6 +47,10 @@ def vision(spec) -> list[str]:
         from reference_impl.media import probe_names
 
         return probe_names(mm)
+    if isinstance(mm, Gemma3nMediaSpec):
+        from reference_impl.media3n import probe_names as probe_names_3n
+
+        return probe_names_3n(mm)
     layers = [f"vision.layers.{i}.out" for i in range(mm.vision.num_layers)]
     return ["vision.embed", *layers, "vision.post_norm", "vision.pool", "vision.proj"]
 
@@ -98,11 +102,15 @@ def upstream_values(spec, name: str) -> list[str] | None:
     """The probes a stream probe is computed from (the reference recomputes it from the candidate's own
     values of these, so the operations between them are judged alone), or None for other probes. On the
     image path each probe is computed from the one before it."""
-    if getattr(spec, "gemma3n", None) is not None:
+    if getattr(spec, "gemma3n", None) is not None and not (is_media(name) or name == "merge"):
         from . import gemma3n_probes
 
         return gemma3n_probes.upstream_values(spec, name)
     path = vision(spec)
+    if name == "vision.pool" and isinstance(spec.multimodal, Gemma3nMediaSpec):  # the fusion reads two blocks
+        from reference_impl.media3n import tower_blocks
+
+        return [f"vision.layers.{i}.out" for i in tower_blocks(spec.multimodal)[1]]
     if name in path and name not in ("vision.embed", "audio.embed"):
         return [path[path.index(name) - 1]]
     if name == "merge":
@@ -132,6 +140,8 @@ def _upstream(spec, name: str) -> str:
         return "final_norm"
     if name == "merge":
         return "vision.proj"
+    if name == "vision.pool":
+        return upstream_values(spec, name)[-1]
     values = upstream_values(spec, name)
     return values[-2] if name.endswith("ple_input") else values[-1]
 
@@ -157,6 +167,9 @@ def _between(spec, name: str) -> str:
         return _either(["the post-MLP norm" if sandwich else "", "the residual add",
                         "the post-PLE norm and its add" if spec.ple is not None else "",
                         "the layer scalar" if getattr(spec, "layer_scalar", False) else ""])
+    if isinstance(getattr(spec, "multimodal", None), Gemma3nMediaSpec) and (
+            name in _GEMMA3N_MEDIA or name.startswith(("vision.layers.", "audio.layers."))):
+        return _GEMMA3N_MEDIA.get(name) or _GEMMA3N_MEDIA[name.split(".")[0] + ".layers"]
     gemma4 = isinstance(getattr(spec, "multimodal", None), Gemma4MediaSpec)
     if gemma4 and (name in _GEMMA4_MEDIA or name.startswith(("vision.layers.", "audio.layers."))):
         return _GEMMA4_MEDIA.get(name) or _GEMMA4_MEDIA[name.split(".")[0] + ".layers"]
@@ -204,6 +217,24 @@ _GEMMA4_MEDIA = {
 }
 
 
+_GEMMA3N_MEDIA = {
+    "vision.layers": "the MobileNet-V5 block (an edge residual, universal inverted residual or multi-query "
+                     "attention block: its convolutions and their 'same' padding, RMSNorm2d, GELU, layer scale, "
+                     "the attention's key/value downsampling, or the residual add)",
+    "vision.pool": "the multi-scale fusion adapter (the nearest upsampling of the coarser stage, the concatenation, "
+                   "its inverted-residual FFN and norm, or the average pooling to the output grid)",
+    "vision.proj": "embed_vision (the map read as side² tokens, x sqrt(2048), the soft-embedding RMSNorm, the "
+                   "projection, or the scale-free post-projection norm)",
+    "audio.layers": "the conformer block (its feed-forwards x residual weight, the chunked local attention with "
+                    "relative positions, its softcap and masks, the light convolution, the clamps or the norms)",
+    "audio.out": "the audio tower's output (every reduction_factor-th frame, padding frames zeroed)",
+    "audio.proj": "embed_audio (the soft-embedding RMSNorm, the projection or the scale-free post-projection norm)",
+    "merge": "the merge (hard media tokens embedded by embed_vision / embed_audio's own tables, image tokens and "
+             "each clip's tokens at their placeholders in order, the clip's padding and tail as the last audio "
+             "token's embedding, not scaled by sqrt(hidden))",
+}
+
+
 def blame(spec, name: str, isolated: bool) -> str:
     """One line naming the wrong operation when ``name`` is the first probe that fails."""
     if getattr(spec, "gemma3n", None) is not None:
@@ -212,6 +243,9 @@ def blame(spec, name: str, isolated: bool) -> str:
         line = gemma3n_probes.blame(spec, name, isolated)
         if line is not None:
             return line
+    if name == "vision.embed" and isinstance(getattr(spec, "multimodal", None), Gemma3nMediaSpec):
+        return ("the patch embedding is wrong: MobileNet-V5's stem (its 3x3 stride-2 convolution with 'same' padding, "
+                "0 before and 1 after, its bias, RMSNorm2d or GELU)")
     if name == "vision.embed":
         return "the patch embedding is wrong (the patch convolution, the patch order or the learned position table)"
     if name == "audio.embed":

@@ -47,7 +47,7 @@ def summary_table(results: Sequence[ConformanceResult]) -> str:
     for r in results:
         logits = next((p for p in r.probes if p.name == "logits"), None)
         lm = logits.metrics if logits else {}
-        verdict = "ERROR" if r.error else ("PASS" if r.passed else "FAIL")
+        verdict = "ERROR" if r.error else "UNSUPP" if r.not_run else ("PASS" if r.passed else "FAIL")
         where = r.standing()
         lines.append(
             f"{r.model:<20} {r.dtype:<9} {verdict:<7} {_fmt(_worst(r, 'max_rel')):>13} {_fmt(lm.get('max_abs')):>14} "
@@ -73,12 +73,15 @@ def junit_xml(results: Sequence[ConformanceResult]) -> str:
     suite = ET.Element("testsuite", name="gemma-harness conform", tests=str(len(results)),
                        failures=str(sum(1 for r in results if not r.passed and not r.error)),
                        errors=str(sum(1 for r in results if r.error)),
+                       skipped=str(sum(1 for r in results if r.not_run)),
                        time=f"{sum(r.wall_s for r in results):.3f}")
     for r in results:
         case = ET.SubElement(suite, "testcase", classname=f"conform.{r.candidate}", name=f"{r.model}[{r.dtype}]",
                              time=f"{r.wall_s:.3f}")
         if r.error:
             ET.SubElement(case, "error", message=r.error).text = r.error
+        elif r.not_run:
+            ET.SubElement(case, "skipped", message=r.not_run)
         elif not r.passed:
             first = r.first_divergence
             ET.SubElement(case, "failure", message=r.verdict(), type=first.status).text = probe_table(r)
@@ -205,4 +208,4 @@ def diff_markdown(a: Sequence[ConformanceResult], b: Sequence[ConformanceResult]
 
 
 def _verdict(r: ConformanceResult) -> str:
-    return "ERROR" if r.error else ("PASS" if r.passed else "**FAIL**")
+    return "ERROR" if r.error else "UNSUPPORTED" if r.not_run else ("PASS" if r.passed else "**FAIL**")

@@ -26,7 +26,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from reference_impl.spec import Gemma4MediaSpec, ModelSpec, MultimodalSpec
+from reference_impl.spec import Gemma3nMediaSpec, Gemma4MediaSpec, ModelSpec, MultimodalSpec
 from reference_impl.weights import embedding_name, expected_shapes
 
 MIN_LENGTH = 40
@@ -188,6 +188,9 @@ def random_state_dict_gemma3n(spec: ModelSpec, seed: int = 0, conditioning: Cond
     state = {}
     for name, shape in expected_shapes(spec).items():
         w = torch.randn(shape, generator=gen)
+        if name.startswith(_TOWERS):  # an image-audio-text model's towers and embedders
+            state[name] = _tower_tensor(name, w, c)
+            continue
         if name.endswith("correct_output_scale"):
             w = 0.5 + torch.rand(shape, generator=gen)
         elif len(shape) == 1:
@@ -333,20 +336,47 @@ def _gemma4_media(spec: ModelSpec, gen) -> dict:
     return media
 
 
-def _gemma4_layout(spec: ModelSpec, media: dict, left_pad: int) -> list[list[tuple[str, int]]]:
+# Gemma 3n batches: square images (the processor's 768 px on the released tower; scaled with the tiny twin's
+# output grid, which keeps the fusion's pooling factor of 3) and clips (lengths in samples), each one per row
+GEMMA3N_IMAGE_ROWS = (0, 1)
+GEMMA3N_CLIPS = ((7000, 0), (5210, 1))
+
+
+def gemma3n_image_size(spec: ModelSpec) -> int:
+    """The side of a Gemma 3n image: 768 px for 16 x 16 tokens (HF's processor), in proportion otherwise."""
+    return 48 * math.isqrt(spec.multimodal.vision_tokens)
+
+
+def _gemma3n_media(spec: ModelSpec, gen) -> dict:
+    """The images and clips of a Gemma 3n batch with their placeholder counts and rows. The clips' features
+    come from Gemma 4's log-mel extractor (Gemma 3n's own is not ported): both implementations get the same."""
+    from reference_impl import audio
+
+    mm, side = spec.multimodal, gemma3n_image_size(spec)
+    pixels = torch.stack([(make_image(side, gen) + 1) / 2 for _ in GEMMA3N_IMAGE_ROWS])
+    clips = [audio.log_mel_features(make_waveform(n, gen).numpy()) for n, _ in GEMMA3N_CLIPS]
+    features, frame_mask = audio.batch_features(clips)
+    return {"pixel_values": pixels, "image_rows": torch.tensor(GEMMA3N_IMAGE_ROWS),
+            "image_counts": [mm.vision_tokens] * len(GEMMA3N_IMAGE_ROWS), "audio_features": features,
+            "audio_mask": frame_mask, "audio_rows": torch.tensor([row for _, row in GEMMA3N_CLIPS]),
+            "audio_counts": [mm.audio_tokens] * len(GEMMA3N_CLIPS)}
+
+
+def _media_layout(media: dict) -> list[list[tuple[str, int]]]:
     """Per row, the runs after BOS: ("text", n) or ("image" / "audio", soft tokens)."""
     rows: list[list[tuple[str, int]]] = [[("text", 3)], [("text", 4)]]
-    for (_, _, row), n in zip(GEMMA4_IMAGES, media["image_counts"], strict=True):
+    for row, n in zip(media["image_rows"].tolist(), media["image_counts"], strict=True):
         rows[row] += [("image", n), ("text", 4)]
-    for (_, row), n in zip(GEMMA4_CLIPS, media.get("audio_counts", []), strict=False):
+    for row, n in zip(media.get("audio_rows", torch.zeros(0)).tolist(), media.get("audio_counts", []), strict=True):
         rows[row] += [("audio", n), ("text", 3)]
     return rows
 
 
-def _gemma4_batch(spec: ModelSpec, gen, left_pad: int) -> Batch:
+def _media_batch(spec: ModelSpec, media: dict, gen, left_pad: int) -> Batch:
+    """A Gemma 4 / Gemma 3n batch: each image and clip as begin + placeholders + end in its row, random text
+    (ids below every media and begin token) around them, row 1 left-padded."""
     mm = spec.multimodal
-    media = _gemma4_media(spec, gen)
-    layout = _gemma4_layout(spec, media, left_pad)
+    layout = _media_layout(media)
     needs = [1 + sum(n + (2 if kind != "text" else 0) for kind, n in runs) for runs in layout]
     length = max(default_length(spec), needs[0] + 2, needs[1] + left_pad + 2)
     ids = torch.randint(0, min(mm.placeholder_ids + (mm.boi_token_id, mm.boa_token_id)), (2, length), generator=gen)
@@ -391,8 +421,10 @@ def make_batch(spec: ModelSpec, seed: int = 0, length: int | None = None, left_p
     """Row 0: BOS + random ids over the whole vocabulary. Row 1: `left_pad` pad tokens, then the same.
     Image-text models: images (and audio clips) placed in both rows, see :func:`_place_images` and
     :data:`GEMMA4_IMAGES`."""
-    if isinstance(spec.multimodal, Gemma4MediaSpec):
-        return _gemma4_batch(spec, torch.Generator().manual_seed(seed + 1), left_pad)
+    if isinstance(spec.multimodal, (Gemma4MediaSpec, Gemma3nMediaSpec)):
+        gen = torch.Generator().manual_seed(seed + 1)
+        media = _gemma4_media(spec, gen) if isinstance(spec.multimodal, Gemma4MediaSpec) else _gemma3n_media(spec, gen)
+        return _media_batch(spec, media, gen, left_pad)
     length = length or default_length(spec)
     gen = torch.Generator().manual_seed(seed + 1)
     ids = torch.randint(0, spec.vocab_size, (2, length), generator=gen)

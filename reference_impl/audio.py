@@ -792,11 +792,19 @@ class Attention3n(nn.Module):
         self.q_proj, self.k_proj, self.v_proj = (nn.Linear(h, n * d, bias=False) for _ in range(3))
         self.per_dim_scale = nn.Parameter(torch.zeros(d))
         self.pos_proj = nn.Linear(h, n * d, bias=False)  # relative_position_embedding.pos_proj
-        half = h // 2
-        step = math.log(1.0e4 / 1.0) / max(half - 1, 1)
-        self.register_buffer("inv_timescales", (1.0 * torch.exp(torch.arange(half) * -step)).float()[None, None], persistent=False)
         self.register_buffer("q_scale", d**-0.5 * (1.0 / F.softplus(torch.tensor(0.0))), persistent=False)  # m3n:346-348
-        self.register_buffer("softcap", torch.tensor(spec.a["conf_attention_logit_cap"]).float(), persistent=False)
+        self.register_buffer("inv_timescales", torch.empty(1, 1, h // 2), persistent=False)
+        self.register_buffer("softcap", torch.empty(()), persistent=False)
+        self.keep_fp32_buffers(spec)
+
+    def keep_fp32_buffers(self, spec: Audio3nSpec) -> None:
+        """The relative-position timescales and the softcap as ``from_pretrained(dtype)`` holds them whatever
+        the model dtype: fp32, computed in fp32 (m3n:166-171, m3n:348; a ``.to(dtype)`` rounds them)."""
+        half = spec.hidden // 2
+        step = math.log(1.0e4 / 1.0) / max(half - 1, 1)
+        device = self.q_proj.weight.device
+        self.inv_timescales = (1.0 * torch.exp(torch.arange(half, device=device) * -step)).float()[None, None]
+        self.softcap = torch.tensor(float(spec.a["conf_attention_logit_cap"]), dtype=torch.float32, device=device)
         w, c, s = spec.chunk, spec.context, spec.past + spec.future
         band = torch.tril(torch.ones(c, w, dtype=torch.bool)).T & torch.tril(torch.ones(w, c, dtype=torch.bool), diagonal=s)
         self.register_buffer("band", band, persistent=False)  # (W, C) m3n:352-364
@@ -905,15 +913,15 @@ class ConformerBlock3n(nn.Module):
 
 
 class Embedder3n(nn.Module):
-    """``embed_audio``: soft: post_norm(W soft_norm(x)); hard: post_norm(W hard_norm(E[id - offset])) (m3n:1866-1919)."""
+    """Gemma 3n's ``embed_audio`` / ``embed_vision``: soft: post_norm(W soft_norm(x)); hard: post_norm(W
+    hard_norm(E[id - offset])); the post norm has no gain (m3n:1866-1913)."""
 
-    def __init__(self, spec: Audio3nSpec):
+    def __init__(self, vocab: int, width: int, text_hidden: int, eps: float, offset: int):
         super().__init__()
-        h, eps = spec.hidden, spec.a["rms_norm_eps"]
-        self.embedding = nn.Embedding(spec.a["vocab_size"], h)
-        self.hard_embedding_norm, self.soft_embedding_norm = Norm(h, eps), Norm(h, eps)
-        self.embedding_projection = nn.Linear(h, spec.text_hidden, bias=False)
-        self.eps, self.offset = eps, spec.a["vocab_offset"]
+        self.embedding = nn.Embedding(vocab, width)
+        self.hard_embedding_norm, self.soft_embedding_norm = Norm(width, eps), Norm(width, eps)
+        self.embedding_projection = nn.Linear(width, text_hidden, bias=False)
+        self.eps, self.offset = eps, offset
 
     def forward(self, x=None, ids=None):
         normed = self.soft_embedding_norm(x) if ids is None else self.hard_embedding_norm(self.embedding(ids - self.offset))
@@ -929,8 +937,15 @@ class Gemma3nAudioTower(nn.Module):
         self.spec = spec
         self.subsample_conv_projection = SSCP3n(spec)
         self.conformer = nn.ModuleList(ConformerBlock3n(spec) for _ in range(spec.a["conf_num_hidden_layers"]))
-        self.embed_audio = Embedder3n(spec)
-        self.to(dtype)  # float buffers (q_scale, softcap, clip, timescales) cast as HF's ``.to(dtype)`` casts them
+        a = spec.a
+        self.embed_audio = Embedder3n(a["vocab_size"], spec.hidden, spec.text_hidden, a["rms_norm_eps"], a["vocab_offset"])
+        self.to(dtype)  # q_scale and the clip bounds in the model dtype, as from_pretrained(dtype) holds them
+        self.keep_fp32_buffers()
+
+    def keep_fp32_buffers(self) -> None:
+        """After any ``.to(dtype)``: the buffers from_pretrained holds in fp32 (see ``Attention3n``)."""
+        for block in self.conformer:
+            block.attention.attn.keep_fp32_buffers(self.spec)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -955,10 +970,24 @@ class Gemma3nAudioTower(nn.Module):
         x = self.subsample_conv_projection(features)
         if mask is None:
             return x, torch.zeros(x.shape[:2], dtype=torch.bool)
-        stride = math.prod(s[0] for s in self.spec.a["sscp_conv_stride_size"])
+        return x, self.subsampled_padding(mask, x.shape[1])
+
+    def subsampled_padding(self, mask: torch.Tensor, frames: int | None = None) -> torch.Tensor:
+        """Feature mask (B, T) True = real -> padding mask (B, T') of the subsampled frames (HF reads the mask at
+        every ``stride``-th frame, m3n:1483-1491). Each SSCP convolution pads time by k - 1 on the right, so
+        T' = ceil(T / stride) per convolution."""
+        strides = [s[0] for s in self.spec.a["sscp_conv_stride_size"]]
+        if frames is None:
+            frames = mask.shape[1]
+            for s in strides:
+                frames = -(-frames // s)
         pad = ~mask.to(torch.bool)
-        idx = torch.clamp(torch.arange(x.shape[1]) * stride, max=pad.shape[1] - 1)
-        return x, torch.gather(pad, 1, idx[None].expand(pad.shape[0], -1))
+        idx = torch.clamp(torch.arange(frames) * math.prod(strides), max=pad.shape[1] - 1)
+        return torch.gather(pad, 1, idx[None].expand(pad.shape[0], -1))
+
+    def output_padding(self, mask: torch.Tensor) -> torch.Tensor:
+        """Feature mask (B, T) True = real -> padding mask (B, T'') of ``audio.out`` / ``audio.proj``."""
+        return self.subsampled_padding(mask)[:, :: self.spec.a["conf_reduction_factor"]]
 
     @torch.no_grad()
     def layer(self, i: int, x: torch.Tensor, pad_mask: torch.Tensor | None = None) -> torch.Tensor:

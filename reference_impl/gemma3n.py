@@ -88,7 +88,7 @@ from . import ops
 from .cache import KVCache
 from .model import MLP, Attention, Gemma, Linear, PerLayerInput, RMSNorm, rope_tables
 from .ops import put as _put
-from .spec import LayerSpec, ModelSpec
+from .spec import Gemma3nMediaSpec, LayerSpec, ModelSpec
 from .weights import WeightError
 
 _LAYER_PROBE = re.compile(r"^layers\.(\d+)\.(\w+)$")
@@ -289,7 +289,14 @@ class Gemma3n(nn.Module):
             self.layers = nn.ModuleList(Block3n(spec, layer) for layer in spec.layers)
             self.final_norm = RMSNorm(h, spec)
             self.lm_head = None if spec.tie_embeddings else Linear(h, spec.vocab_size)
+            self.media = None
+            if isinstance(spec.multimodal, Gemma3nMediaSpec):  # Gemma3nForConditionalGeneration
+                from .media3n import Gemma3nMedia
+
+                self.media = Gemma3nMedia(spec.multimodal, h, dtype)
         self.to(dtype)
+        if self.media is not None and torch.device(device).type != "meta":
+            self.media.audio.keep_fp32_buffers()
         table_device = "cpu" if torch.device(device).type == "meta" else device
         self._inv_freq = rope_tables(spec, table_device)
 
@@ -306,8 +313,11 @@ class Gemma3n(nn.Module):
         capture: dict[str, torch.Tensor] | None = None,
         forced_routing: dict | None = None,  # no experts in Gemma 3n: accepted (the gate's interface) and unused
         with_logits: bool = True,
+        **media: torch.Tensor | None,  # image-audio-text: pixel_values, audio_features, audio_mask (reference_impl.media3n)
     ) -> torch.Tensor:
-        """Logits (B, T, V) (or, ``with_logits=False``, the final norm's output); a ``cache`` makes it incremental."""
+        """Logits (B, T, V) (or, ``with_logits=False``, the final norm's output); a ``cache`` makes it incremental.
+        An image-audio-text model embeds its hard media tokens with their own embedders and puts the soft tokens
+        at the placeholders (the ``merge`` probe), which then stands where ``embed`` stands in a text model."""
         Gemma._check_ids(self, input_ids)
         b, t = input_ids.shape
         past = cache.seen if cache is not None else 0
@@ -316,6 +326,8 @@ class Gemma3n(nn.Module):
         slots = torch.arange(past, past + t, device=input_ids.device)
 
         x0 = _put(capture, "embed", self.embed(input_ids) * _const(self.spec.embed_scale, self.dtype))
+        if self.media is not None:
+            x0 = _put(capture, "merge", self.merge(input_ids, x0, self.media(capture, **media)))
         ple = self.ple(input_ids, x0)  # (B, T, L, P)
         streams = _put_streams(capture, "altup_streams", self.expand(x0))
         tables = {key: ops.rope_cos_sin(positions, inv, self.dtype) for key, inv in self._inv_freq.items()}
@@ -329,6 +341,16 @@ class Gemma3n(nn.Module):
         if cache is not None:
             cache.seen = past + t
         return _put(capture, "logits", self.head(x)) if with_logits else x
+
+    def _lookup_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Every Gemma 3n id, its media tokens included, lies inside the text table (``Gemma._check_ids``)."""
+        return input_ids
+
+    def merge(self, input_ids: torch.Tensor, embedded: torch.Tensor, rows: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The embedded text (B, T, H) with the hard media tokens embedded by their own embedders, then the image
+        and audio placeholders replaced by the soft tokens (n, H) (HF ``masked_scatter``, unscaled); a count
+        mismatch is a one-line error."""
+        return Gemma.merge_rows(self, input_ids, self.media.hard(input_ids, embedded), rows)
 
     def head(self, x: torch.Tensor) -> torch.Tensor:
         logits = ops.linear(x, self.embed.weight) if self.lm_head is None else self.lm_head(x)
@@ -390,7 +412,7 @@ class Gemma3n(nn.Module):
 
     @torch.no_grad()
     def stream(self, probe: str, values: Mapping[str, torch.Tensor], input_ids: torch.Tensor,
-               **_media) -> torch.Tensor | None:
+               **media) -> torch.Tensor | None:
         """This model's value of a stream probe computed from given upstream probe values (the candidate's)
         instead of its own stream: the operations between two probes, alone (as :meth:`Gemma.stream`). With
         ``a`` the active stream, prev = ``altup_streams`` (layer 0) or ``layers.{i-1}.out``, pred =
@@ -408,8 +430,15 @@ class Gemma3n(nn.Module):
         n = self.spec.gemma3n.altup_num_inputs
         value = lambda name: values[name].to(self.dtype)  # noqa: E731
         streams = lambda name: streams_of(value(name), n).contiguous()  # noqa: E731  (HF's layout, bit for bit)
+        context = "merge" if self.media is not None else "embed"  # what the streams and the PLE projection read
+        if self.media is not None and probe.startswith(("vision.", "audio.")):
+            return self.media.stream(probe, value, **media)
+        if probe == "merge" and self.media is not None:
+            rows = {kind: self.media.kept_rows(kind, value(f"{path}.proj"), **media)
+                    for kind, path in (("image", "vision"), ("audio", "audio")) if f"{path}.proj" in values}
+            return self.merge(input_ids, value("embed"), rows)
         if probe == "altup_streams":
-            return _flat_streams(self.expand(value("embed")))
+            return _flat_streams(self.expand(value(context)))
         if probe == "final_norm_input":
             return self.collapse(streams(f"layers.{self.spec.num_layers - 1}.out"))
         i, kind = _locate(probe)
@@ -429,7 +458,7 @@ class Gemma3n(nn.Module):
                 return block.mlp_norm(x)
             return _flat_streams(block.altup.correct(predictions, block.after_mlp(x, value(f"{p}.mlp"))))
         if kind == "ple_input":
-            return block.ple_gated(streams(f"{p}.altup_correct"), self.ple(input_ids, value("embed"))[:, :, i])
+            return block.ple_gated(streams(f"{p}.altup_correct"), self.ple(input_ids, value(context))[:, :, i])
         if kind == "out":
             return _flat_streams(block.finish(streams(f"{p}.altup_correct"), value(f"{p}.ple")))
         return None
@@ -438,6 +467,23 @@ class Gemma3n(nn.Module):
 # ---- HF checkpoint names (Gemma3nForCausalLM.state_dict()) -> reference names, shapes ----
 
 def _entries(spec: ModelSpec) -> list[tuple[str, str, tuple[int, ...]]]:
+    """(HF name, reference name, shape) of every tensor: ``Gemma3nForCausalLM``'s, or for an image-audio-text
+    model ``Gemma3nForConditionalGeneration``'s (the decoder under ``model.language_model.``, then the media)."""
+    text = _text_entries(spec)
+    if spec.multimodal is None:
+        return text
+    from .media3n import media_entries
+
+    inner = [(hf if hf == "lm_head.weight" else "model.language_model." + hf.removeprefix("model."), ref, shape)
+             for hf, ref, shape in text]
+    return inner + media_entries(spec.multimodal, spec.hidden_size)
+
+
+def _embedding_name(spec: ModelSpec) -> str:
+    return "model.language_model.embed_tokens.weight" if spec.multimodal is not None else "model.embed_tokens.weight"
+
+
+def _text_entries(spec: ModelSpec) -> list[tuple[str, str, tuple[int, ...]]]:
     h, v, g, ple = spec.hidden_size, spec.vocab_size, spec.gemma3n, spec.ple
     n, r, width = g.altup_num_inputs, g.laurel_rank, spec.num_layers * ple.dim
     out = [
@@ -505,8 +551,9 @@ def check_state_dict_gemma3n(spec: ModelSpec, state_dict: Mapping[str, torch.Ten
     """Raise WeightError naming the first missing, unexpected or misshaped tensor."""
     shapes = expected_shapes_gemma3n(spec)
     tied_head = spec.tie_embeddings and "lm_head.weight" in state_dict
-    if tied_head and not torch.equal(state_dict["lm_head.weight"], state_dict.get("model.embed_tokens.weight", state_dict["lm_head.weight"])):
-        raise WeightError("tensor 'lm_head.weight' differs from 'model.embed_tokens.weight' but the config ties them")
+    embedding = _embedding_name(spec)
+    if tied_head and not torch.equal(state_dict["lm_head.weight"], state_dict.get(embedding, state_dict["lm_head.weight"])):
+        raise WeightError(f"tensor 'lm_head.weight' differs from {embedding!r} but the config ties them")
     missing = [name for name in shapes if name not in state_dict]
     if missing:
         raise WeightError(f"missing tensor {missing[0]!r} (expected shape {shapes[missing[0]]})"
@@ -525,11 +572,18 @@ def build_gemma3n(spec: ModelSpec, state_dict: Mapping[str, torch.Tensor], dtype
     built on the meta device and filled by assignment (a tensor already in ``dtype`` is held as is)."""
     check_state_dict_gemma3n(spec, state_dict)
     model = Gemma3n(spec, dtype=dtype, device="meta")
+    if model.media is not None:  # built for real: the audio tower computes fixed buffers at construction
+        from .media3n import Gemma3nMedia
+
+        model.media = Gemma3nMedia(spec.multimodal, spec.hidden_size, dtype)
     with torch.no_grad():
         for hf_name, ref_name in name_map_gemma3n(spec).items():
             owner, _, leaf = ref_name.rpartition(".")
             module = model.get_submodule(owner)
-            module._parameters[leaf] = nn.Parameter(state_dict[hf_name].to(dtype), requires_grad=False)
+            if leaf in module._buffers:  # a persistent buffer the checkpoint carries
+                module._buffers[leaf] = state_dict[hf_name].to(dtype)
+            else:
+                module._parameters[leaf] = nn.Parameter(state_dict[hf_name].to(dtype), requires_grad=False)
     left = [name for name, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
     if left:
         raise WeightError(f"reference parameter {left[0]!r} has no tensor in the checkpoint's name map")

@@ -181,6 +181,49 @@ class Gemma4MediaSpec:
 
 
 @dataclass(frozen=True)
+class Gemma3nMediaSpec:
+    """What Gemma 3n's image-audio-text model (HF ``Gemma3nForConditionalGeneration``) adds to its text
+    decoder: a MobileNet-V5 vision tower (timm's, ``reference_impl.mobilenet_v5``) whose 2048-wide map of
+    ``vision_tokens`` cells goes through ``embed_vision``, and the USM audio tower with ``embed_audio``
+    (``reference_impl.audio``). Token ids in ``[vision_offset, audio_offset)`` and ``[audio_offset, ...)``
+    are *hard* media tokens: they embed through the embedders' own tables, not the text table; the
+    placeholders among them are then replaced by the soft tokens. Every clip fills ``audio_tokens``
+    placeholders (the tail padded with the last audio token's embedding). Attention stays causal
+    (``models/gemma3n/modeling_gemma3n.py`` 1922-2128)."""
+
+    vision_config: Mapping[str, Any] = field(compare=False)
+    audio_config: Mapping[str, Any] = field(compare=False)
+    image_token_id: int
+    audio_token_id: int
+    boi_token_id: int
+    eoi_token_id: int
+    boa_token_id: int
+    eoa_token_id: int
+    vision_tokens: int  # vision_soft_tokens_per_image: the tower's output cells (side x side)
+    audio_tokens: int  # audio_soft_tokens_per_image: placeholders per clip
+    vision_offset: int  # vision_config.vocab_offset: the first hard vision token id
+    vision_vocab: int
+    audio_offset: int
+    audio_vocab: int
+    tower_config: Mapping[str, Any] = field(compare=False, repr=False, default_factory=dict)  # the whole HF config
+
+    bidirectional = "none"  # Gemma 3n masks media tokens causally, like text
+    block_ids: tuple[int, ...] = ()  # no bidirectional blocks
+
+    @property
+    def vision(self) -> Mapping[str, Any]:
+        return self.vision_config
+
+    @property
+    def audio(self) -> Mapping[str, Any]:
+        return self.audio_config
+
+    @property
+    def placeholder_ids(self) -> tuple[int, ...]:
+        return (self.image_token_id, self.audio_token_id)
+
+
+@dataclass(frozen=True)
 class LayerSpec:
     index: int
     attention: AttentionType
@@ -226,7 +269,7 @@ class ModelSpec:
     norm_pow: bool = False  # Gemma 4: x * pow(mean(x^2) + eps, -0.5) (bitwise unlike rsqrt)
     layer_scalar: bool = False  # Gemma 4: the residual stream is multiplied by a per-layer checkpoint scalar
     ple: PLESpec | None = None  # Gemma 4 E2B/E4B
-    multimodal: MultimodalSpec | Gemma4MediaSpec | None = None  # the towers of an image-text model
+    multimodal: MultimodalSpec | Gemma4MediaSpec | Gemma3nMediaSpec | None = None  # the towers of an image-text model
     gemma3n: Gemma3nSpec | None = None  # Gemma 3n: AltUp, LAuReL, activation sparsity (reference_impl.gemma3n)
     hf_config: Mapping[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
@@ -704,3 +747,39 @@ def _derive_gemma3n(f: _Fields) -> ModelSpec:
 
 
 _DERIVE["gemma3n_text"] = _derive_gemma3n
+
+
+def _derive_gemma3n_multimodal(f: _Fields) -> ModelSpec:
+    """Gemma 3n image-audio-text = the Gemma 3n text decoder of ``text_config`` + the MobileNet-V5 vision tower
+    and the audio tower, each with its embedder (soft tokens, and hard tokens for ids past the text table's
+    own part); causal attention throughout; the final softcap as the text model applies it."""
+    text = _sub_config(f, "text_config")
+    if text.get("model_type", "gemma3n_text") != "gemma3n_text":
+        raise ConfigError(f"config field 'text_config.model_type' is {text.get('model_type')!r}, expected 'gemma3n_text'")
+    decoder = _derive_gemma3n(_Fields({"model_type": "gemma3n_text", **text.config}))
+    vision, audio = _sub_config(f, "vision_config"), _sub_config(f, "audio_config")
+    if vision.get("model_type", "gemma3n_vision") != "gemma3n_vision":
+        raise ConfigError(f"config field 'vision_config.model_type' is {vision.get('model_type')!r}, expected 'gemma3n_vision'")
+    tokens = f.int("vision_soft_tokens_per_image", 256)
+    if math.isqrt(tokens) ** 2 != tokens:
+        raise ConfigError(f"config field 'vision_soft_tokens_per_image' ({tokens}) must be a square: the tower's map is side x side")
+    ids = {name: f.int(name, default, minimum=0) for name, default in (
+        ("image_token_id", 262_145), ("audio_token_id", 262_273), ("boi_token_id", 255_999),
+        ("eoi_token_id", 262_144), ("boa_token_id", 256_000), ("eoa_token_id", 262_272))}
+    media = Gemma3nMediaSpec(
+        vision_config=dict(vision.config), audio_config=dict(audio.config), tower_config=dict(f.config),
+        vision_tokens=tokens, audio_tokens=f.int("audio_soft_tokens_per_image", 188),
+        vision_offset=vision.int("vocab_offset", 262_144, minimum=0), vision_vocab=vision.int("vocab_size", 128),
+        audio_offset=audio.int("vocab_offset", 262_272, minimum=0), audio_vocab=audio.int("vocab_size", 128), **ids)
+    if not media.vision_offset + media.vision_vocab <= media.audio_offset <= decoder.vocab_size - media.audio_vocab:
+        raise ConfigError(f"config fields 'vision_config.vocab_offset' ({media.vision_offset}) + 'vocab_size' "
+                          f"({media.vision_vocab}), 'audio_config.vocab_offset' ({media.audio_offset}) + 'vocab_size' "
+                          f"({media.audio_vocab}) must lie in order inside the text vocabulary ({decoder.vocab_size})")
+    for name in ("image_token_id", "audio_token_id"):
+        if not media.vision_offset <= ids[name] < decoder.vocab_size:
+            raise ConfigError(f"config field {name!r} ({ids[name]}) must be a hard media token id in "
+                              f"[{media.vision_offset}, {decoder.vocab_size})")
+    return replace(decoder, multimodal=media)
+
+
+_DERIVE["gemma3n"] = _derive_gemma3n_multimodal

@@ -327,8 +327,12 @@ def _hf_run_3n(tower, embedder, features, mask, soft_tokens, text_vocab):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_gemma3n_tower_probes_bit_exact(features, dtype):
+    from harness.adapters.hf import _as_from_pretrained
+
     cfg, tower, embedder, state, full = _build_hf_3n(features)
-    hf = _hf_run_3n(tower.to(dtype), embedder.to(dtype), *features, 20, full["text_config"]["vocab_size"])
+    tower = tower.to(dtype)
+    _as_from_pretrained(tower, dtype)  # the fp32 timescales from_pretrained(dtype) holds
+    hf = _hf_run_3n(tower, embedder.to(dtype), *features, 20, full["text_config"]["vocab_size"])
     ref = audio.Gemma3nAudioTower.from_hf(full, state, dtype)
     cap: dict = {}
     tokens = ref(*features, capture=cap)

@@ -59,12 +59,32 @@ def _as_from_pretrained(model: torch.nn.Module, dtype: torch.dtype) -> None:
     ``from_pretrained`` computes it in fp32 and casts (checked: save_pretrained + from_pretrained(bf16)
     of the gemma-4-e2b-mm twin; max difference 4.9e-4, every other buffer equal). Rebuilt here the fp32
     way; without it the reference (which follows from_pretrained) and HF differed by 0.016 at
-    ``audio.layers.0.out`` in bf16."""
+    ``audio.layers.0.out`` in bf16. Gemma 3n's audio attention does the same with its relative-position
+    ``inv_timescales``, which ``from_pretrained(dtype=bfloat16)`` holds in fp32 computed in fp32 (checked the
+    same way on the gemma-3n-e2b-mm twin: 0.0018 from the bf16 ``exp``; its other buffers equal)."""
     for module in model.modules():
-        if type(module).__name__ == "Gemma4AudioRelPositionalEncoding" and module.inv_timescales.dtype != torch.float32:
+        kind = type(module).__name__
+        if kind == "Gemma4AudioRelPositionalEncoding" and module.inv_timescales.dtype != torch.float32:
             with default_dtype(torch.float32):
                 fresh = type(module)(model.config.audio_config)
             module.inv_timescales = fresh.inv_timescales.to(module.inv_timescales.dtype)
+        elif kind == "Gemma3nAudioRelativePositionEmbedding":
+            with default_dtype(torch.float32), torch.device("cpu"):
+                fresh = type(module)(module.config)
+            module.inv_timescales = fresh.inv_timescales.to(module.inv_timescales.device)
+
+
+def _check_backends(hf_config) -> None:
+    """HF builds Gemma 3n's vision tower through timm (``TimmWrapperModel``), and timm imports torchvision:
+    without them the model cannot be built here, which is this run's one-line "unsupported", not a crash."""
+    if dict(hf_config).get("model_type") != "gemma3n":
+        return
+    try:
+        import timm  # noqa: F401
+    except Exception as exc:  # noqa: BLE001 - ImportError, or torchvision's RuntimeError beside a CPU-only torch
+        raise Unsupported("model", "HF builds Gemma 3n's MobileNet-V5 vision tower through timm, which does not "
+                                   f"import here ({type(exc).__name__}: {str(exc).splitlines()[0]}); "
+                                   "`tox -e timm` runs it (torch 2.14.1 + torchvision 0.29.1 + timm)") from None
 
 
 class HFCausalLMAdapter(Adapter):
@@ -84,6 +104,7 @@ class HFCausalLMAdapter(Adapter):
             return self.model_class(config)
 
     def load(self, hf_config, state_dict, dtype: torch.dtype) -> None:
+        _check_backends(hf_config)
         config = hf_config_object(hf_config)
         try:
             model = self.build(config, dtype)
@@ -132,7 +153,7 @@ class HFCausalLMAdapter(Adapter):
         """probe -> the module whose call gives it; ``*_input`` probes come from the same module's input.
         An image-text model (``model.model.language_model``) adds its image path (:meth:`_vision_targets`);
         Gemma 3n has its own (:func:`harness.gemma3n_probes.hf_targets`)."""
-        if getattr(self.model.config, "model_type", None) == "gemma3n_text":
+        if getattr(self.model.config, "model_type", None) in ("gemma3n_text", "gemma3n"):
             from ..gemma3n_probes import hf_targets
 
             return hf_targets(self.model)
@@ -192,7 +213,7 @@ class HFCausalLMAdapter(Adapter):
     def _method_probes(self, captured: dict, b: int, t: int):
         """A context in which probes that are no module's output (Gemma 3n's AltUp ``predict`` / ``correct``
         methods) are captured too: :func:`harness.gemma3n_probes.hf_method_probes`; else nothing."""
-        if getattr(self.model.config, "model_type", None) == "gemma3n_text":
+        if getattr(self.model.config, "model_type", None) in ("gemma3n_text", "gemma3n"):
             from ..gemma3n_probes import hf_method_probes
 
             return hf_method_probes(self.model, captured, b, t)
@@ -229,6 +250,10 @@ class HFCausalLMAdapter(Adapter):
         config = self.model.config
         # the processor's float32 pixels and features as they are: HF casts them where its recipe does
         pixels = {} if batch.pixel_values is None else {"pixel_values": batch.pixel_values}
+        if config.model_type == "gemma3n":  # causal media: no token types
+            audio = {} if batch.audio_features is None else {"input_features": batch.audio_features,
+                                                             "input_features_mask": batch.audio_mask}
+            return pixels | audio
         if config.model_type != "gemma4":
             return pixels | {"token_type_ids": (batch.input_ids == config.image_token_id).long()}
         types = torch.zeros_like(batch.input_ids)
@@ -304,8 +329,12 @@ class HFCausalLMAdapter(Adapter):
                     rows = _first(output).detach()  # Gemma 4: the kept rows of every image, (n, C)
                     captured[name] = self._image_rows(rows.reshape(-1, rows.shape[-1]), media["image_position_ids"])
                     return
-                if name == "vision.pool":  # (images, C, side, side) -> (images, tokens, C)
-                    captured[name] = output.detach().flatten(2).transpose(1, 2)
+                if name.endswith(".proj") and kwargs.get("input_ids") is not None:
+                    return  # Gemma 3n embeds its hard media tokens with the same embedder: not the soft tokens
+                out = _first(output)
+                if name.startswith("vision.") and out.dim() == 4:  # a map (images, C, h, w) -> (images, h*w, C)
+                    # a copy: Gemma 3n scales the fused map in place (``last_hidden_state *= C**0.5``) afterwards
+                    captured[name] = out.detach().flatten(2).transpose(1, 2).clone()
                     return
                 if name.startswith(("vision.", "audio.")):
                     captured[name] = _first(output).detach()
