@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import importlib.metadata
 import inspect
 import json
 import platform
@@ -159,6 +160,11 @@ def environment(dtype: str) -> dict:
         env["transformers"] = transformers.__version__
     except ImportError:
         pass
+    for package in ("timm", "torchvision"):  # what HF builds Gemma 3n's vision tower with (tox -e timm)
+        try:
+            env[package] = importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            pass
     return env
 
 
@@ -281,6 +287,11 @@ def compare_implementations(label: str, hf_config: dict, state: dict, batch: Bat
             generated = adapter.generate(batch, DECODE_STEPS) if supports(adapter, "generate") and not batch.media else None
     except AdapterError as exc:
         result.error = str(exc)
+    except Unsupported as exc:  # "model": the candidate cannot run this model here, reported, not a failure
+        if exc.feature == "model":
+            result.not_run = exc.reason
+        else:
+            result.error = f"candidate crashed: {crash_line(exc)}"
     except Exception as exc:  # noqa: BLE001 - a crashing candidate is a result, not a crash of the gate
         result.error = count_mismatch(exc) or f"candidate crashed: {crash_line(exc)}"
     else:
@@ -369,6 +380,12 @@ def run_candidate(adapter: Adapter, batch: Batch) -> tuple[list[tuple[Batch, dic
         batches = [batch.without_positions() if not positions else batch] if shape == "batch" else batch.rows(positions)
         try:
             runs = [(b, _outputs(adapter, b)) for b in batches]
+        except Unsupported as exc:
+            if exc.feature == "model":  # it cannot run this model at all: no other way of feeding it helps
+                raise
+            failed[(shape, positions)] = exc
+            last = exc
+            continue
         except Exception as exc:  # noqa: BLE001 - tell a port that lacks a feature from one that crashes
             failed[(shape, positions)] = exc
             last = exc

@@ -349,13 +349,13 @@ def gemma3n_image_size(spec: ModelSpec) -> int:
 
 def _gemma3n_media(spec: ModelSpec, gen) -> dict:
     """The images and clips of a Gemma 3n batch with their placeholder counts and rows. The clips' features
-    come from Gemma 4's log-mel extractor (Gemma 3n's own is not ported): both implementations get the same."""
+    are HF ``Gemma3nAudioFeatureExtractor``'s for the batch of clips (``audio.batch_features_3n``: every clip
+    framed from the waveforms padded to the longest, so both clips get the same number of mel frames)."""
     from reference_impl import audio
 
     mm, side = spec.multimodal, gemma3n_image_size(spec)
     pixels = torch.stack([(make_image(side, gen) + 1) / 2 for _ in GEMMA3N_IMAGE_ROWS])
-    clips = [audio.log_mel_features(make_waveform(n, gen).numpy()) for n, _ in GEMMA3N_CLIPS]
-    features, frame_mask = audio.batch_features(clips)
+    features, frame_mask = audio.batch_features_3n([make_waveform(n, gen).numpy() for n, _ in GEMMA3N_CLIPS])
     return {"pixel_values": pixels, "image_rows": torch.tensor(GEMMA3N_IMAGE_ROWS),
             "image_counts": [mm.vision_tokens] * len(GEMMA3N_IMAGE_ROWS), "audio_features": features,
             "audio_mask": frame_mask, "audio_rows": torch.tensor([row for _, row in GEMMA3N_CLIPS]),

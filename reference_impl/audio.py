@@ -197,20 +197,8 @@ def log_mel_features(waveform, sampling_rate: int = 16000, config: Mapping | Non
     sample_mask = np.pad(sample_mask, (pad_left, 0), mode="constant", constant_values=0)
 
     size = frame + 1
-    n_frames = max((wave.shape[1] - size) // hop + 1, 0)
-    if n_frames:
-        windows = np.lib.stride_tricks.as_strided(
-            wave, shape=(1, n_frames, size), strides=(wave.strides[0], wave.strides[1] * hop, wave.strides[1]))
-    else:
-        windows = np.zeros((1, 0, size), dtype=wave.dtype)
-    pre = cfg["preemphasis"]
-    if pre > 0.0:
-        if cfg["preemphasis_htk_flavor"]:
-            frames = np.concatenate([windows[..., :1] * (1.0 - pre), windows[..., 1:-1] - pre * windows[..., :-2]], axis=-1)
-        else:
-            frames = windows[..., 1:] - pre * windows[..., :-1]
-    else:
-        frames = windows[..., :-1]
+    frames = _preemphasised_frames(wave, frame, hop, cfg)
+    n_frames = frames.shape[1]
 
     window = np.hanning(frame + 1)[:-1].astype(np.float32)  # periodic Hann (au:912-925, fe4:141)
     mel_filters = _htk_mel_filters(fft // 2 + 1, cfg["feature_size"], cfg["min_frequency"], cfg["max_frequency"], sampling_rate)
@@ -247,6 +235,128 @@ def soft_token_count(num_samples: int, config: Mapping | None = None, sampling_r
     for _ in range(2):  # two stride-2, kernel-3, pad-1 convolutions
         frames = (frames + 2 - 3) // 2 + 1
     return min(frames, cfg["audio_seq_length"])
+
+
+# Gemma 3n features (``fe3n:N`` = ``transformers/models/gemma3n/feature_extraction_gemma3n.py`` line N).
+# Same padding (fs), frame geometry, unfold + preemphasis + rfft + |.| @ mel + per-bin norm sequence as
+# Gemma 4, but (each checked against the source):
+#   - defaults: 32 ms frames (512 samples), fft_overdrive -> rfft n=1024, mel 125-7600 Hz,
+#     preemphasis 0.97 (HTK flavour), mel_floor 1e-5, dither 0.0 (fe3n:154-172, fe3n:189-196);
+#   - no semicausal left pad: frame i covers samples i*hop .. i*hop + frame (fe3n:233-236);
+#   - Hann window 0.5*(1 - cos(2*pi*n/N)) evaluated in float32 (fe3n:198-200), not np.hanning(N+1)[:-1];
+#   - mel filters from its own ``create_fb_matrix`` (fe3n:28-86, fe3n:202-210): float32 frequency grid
+#     ``arange(n_freqs) * (sr / fft)``, ``math.log10`` for the band edges, otherwise HTK as audio_utils;
+#   - ``log(max(mel, floor))`` (fe3n:254), not ``log(mel + floor)``;
+#   - frame mask = the padded sample mask at each frame's FIRST sample, ``mask[::hop][:T]``
+#     (fe3n:263-265), so a frame that runs into the padding counts as real;
+#   - features are NOT multiplied by the mask (no fe4:289 counterpart; fe3n:320-330);
+#   - a bare 1-D array works (fe3n:302-309 wraps it).
+# Batching changes a clip's features: HF frames every clip of a batch from the waveform padded to the
+# longest one (fs:199-214), so a short clip gets more frames, some still over real audio and masked True.
+
+FEATURE_DEFAULTS_3N = {  # Gemma3nAudioFeatureExtractor.__init__ / __call__ defaults (fe3n:154-172, fe3n:267-276)
+    "feature_size": 128,
+    "frame_length_ms": 32.0,
+    "hop_length_ms": 10.0,
+    "min_frequency": 125.0,
+    "max_frequency": 7600.0,
+    "preemphasis": 0.97,
+    "preemphasis_htk_flavor": True,
+    "fft_overdrive": True,
+    "dither": 0.0,
+    "input_scale_factor": 1.0,
+    "mel_floor": 1e-5,
+    "per_bin_mean": None,
+    "per_bin_stddev": None,
+    "max_length": 480_000,
+    "pad_to_multiple_of": 128,
+}
+
+
+def _settings_3n(config: Mapping | None) -> dict:
+    return {**FEATURE_DEFAULTS_3N, **{k: v for k, v in (config or {}).items() if k in FEATURE_DEFAULTS_3N}}
+
+
+def _hann_3n(frame: int) -> np.ndarray:
+    """(frame,) float32 periodic Hann, computed in float32 as fe3n:198-200."""
+    n = np.arange(frame, dtype=np.float32)
+    return (0.5 * (1 - np.cos(2 * np.pi * n / frame))).astype(np.float32)
+
+
+def _fb_matrix_3n(n_freqs: int, n_mels: int, f_min: float, f_max: float, sampling_rate: int, fft: int) -> np.ndarray:
+    """(n_freqs, n_mels) float64 HTK triangles, no norm, HF's ``create_fb_matrix`` (fe3n:63-79)."""
+    freqs = np.arange(n_freqs, dtype=np.float32) * (sampling_rate / fft)  # float32 grid (fe3n:63)
+    edges = [2595.0 * math.log10(1.0 + (f / 700.0)) for f in (f_min, f_max)]  # math.log10 (fe3n:67-68)
+    centres = 700.0 * (10 ** (np.linspace(*edges, n_mels + 2) / 2595.0) - 1.0)
+    diff = centres[1:] - centres[:-1]
+    slopes = np.expand_dims(centres, 0) - np.expand_dims(freqs, 1)
+    down = (-1.0 * slopes[:, :-2]) / diff[:-1]
+    up = slopes[:, 2:] / diff[1:]
+    return np.maximum(np.zeros(1, dtype=np.float32), np.minimum(down, up))
+
+
+def _preemphasised_frames(wave: np.ndarray, frame: int, hop: int, cfg: dict) -> np.ndarray:
+    """(1, N) -> (1, F, frame): windows of frame + 1 samples every hop (fe3n:89-105, fe4:185-188), first
+    sample only feeding the preemphasis, HTK flavour or not, or dropped when it is 0 (fe3n:238-246,
+    fe4:190-198; the two files agree)."""
+    size = frame + 1
+    n_frames = (wave.shape[1] - size) // hop + 1
+    if n_frames <= 0:
+        windows = np.zeros((1, 0, size), dtype=wave.dtype)
+    else:
+        windows = np.lib.stride_tricks.as_strided(
+            wave, shape=(1, n_frames, size), strides=(wave.strides[0], wave.strides[1] * hop, wave.strides[1]))
+    pre = cfg["preemphasis"]
+    if pre <= 0.0:
+        return windows[..., :-1]
+    if cfg["preemphasis_htk_flavor"]:
+        return np.concatenate([windows[..., :1] * (1.0 - pre), windows[..., 1:-1] - pre * windows[..., :-2]], axis=-1)
+    return windows[..., 1:] - pre * windows[..., :-1]
+
+
+def log_mel_features_3n(waveform, sampling_rate: int = 16000, config: Mapping | None = None, *,
+                        pad_to: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """One clip (samples,) -> features (T, M) float32, mask (T,) bool (True = real frame), as HF's
+    ``Gemma3nAudioFeatureExtractor(**config)([waveform])`` gives them. ``config``: settings that differ from
+    :data:`FEATURE_DEFAULTS_3N`. ``pad_to``: frame the clip as one of a batch whose longest clip has this
+    many samples (see :func:`batch_features_3n`). Dither is not supported (random in HF, fe3n:227-228)."""
+    cfg = _settings_3n(config)
+    if cfg["dither"]:
+        raise ValueError("dither > 0 is random in HF and not reproduced")
+    frame, hop, fft = _frame_geometry(sampling_rate, cfg)  # fe3n:189-196, the same rule as fe4:130-137
+    wave, sample_mask = _padded_waveform(waveform, cfg)
+    if pad_to is not None:  # the batch's common length, itself rounded up to the multiple (fs:199-214, fs:263-264)
+        target = _padded_waveform(np.zeros(pad_to, dtype=np.float32), cfg)[0].shape[0]
+        wave = np.pad(wave, (0, max(target - len(wave), 0)))
+        sample_mask = np.pad(sample_mask, (0, max(target - len(sample_mask), 0)))
+    wave = wave[None]  # (1, N)
+    if cfg["input_scale_factor"] != 1.0:
+        wave = wave * cfg["input_scale_factor"]  # fe3n:230-231
+    frames = _preemphasised_frames(wave, frame, hop, cfg) * _hann_3n(frame)  # fe3n:248
+    magnitude = np.abs(np.fft.rfft(frames, n=fft, axis=-1))  # complex64 -> float32 (fe3n:249-251)
+    mel = np.matmul(magnitude, _fb_matrix_3n(fft // 2 + 1, cfg["feature_size"], cfg["min_frequency"],
+                                             cfg["max_frequency"], sampling_rate, fft))  # float64 (fe3n:253)
+    log_mel = np.log(np.maximum(mel, np.array(cfg["mel_floor"], dtype=np.float64)))  # fe3n:191, fe3n:254
+    if cfg["per_bin_mean"] is not None:
+        log_mel = log_mel - np.array(cfg["per_bin_mean"]).reshape(1, 1, -1)  # fe3n:212-213, fe3n:256-257
+    if cfg["per_bin_stddev"] is not None:
+        log_mel = log_mel / np.array(cfg["per_bin_stddev"]).reshape(1, 1, -1)  # fe3n:217-218, fe3n:259-260
+    features = log_mel.squeeze(0).astype(np.float32)  # fe3n:262, fe3n:324
+    mask = sample_mask[::hop][: features.shape[0]].astype(bool)  # frame START sample (fe3n:263-265)
+    return torch.from_numpy(np.ascontiguousarray(features)), torch.from_numpy(np.ascontiguousarray(mask))
+
+
+def batch_features_3n(waveforms, sampling_rate: int = 16000, config: Mapping | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Several clips (1-D arrays) -> (B, T, M) float32, (B, T) bool: HF's
+    ``Gemma3nAudioFeatureExtractor(**config)(waveforms)``. HF right-pads every waveform with 0 to the longest
+    (after truncation) rounded up to ``pad_to_multiple_of`` (fs:199-214, fs:263-294), then frames each padded
+    waveform (fe3n:320-325), so all rows have the same T and no padding of features is needed; but a clip's
+    row is NOT its :func:`log_mel_features_3n` alone padded: it has more frames, the first ones past its
+    own padded end still over real audio and masked True (the mask is taken at frame starts), the rest
+    log(mel_floor)-valued (not zeroed) and masked False. So this takes waveforms, not per-clip features."""
+    longest = max(len(_padded_waveform(w, _settings_3n(config))[0]) for w in waveforms)
+    items = [log_mel_features_3n(w, sampling_rate, config, pad_to=longest) for w in waveforms]
+    return torch.stack([f for f, _ in items]), torch.stack([m for _, m in items])
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -354,3 +354,58 @@ def test_gemma3n_names_and_strict_loading(features):
     name = "model.audio_tower.conformer.1.attention.attn.relative_position_embedding.pos_proj.weight"
     with pytest.raises(audio.AudioWeightError, match="missing"):
         audio.Gemma3nAudioTower.from_hf(full, {k: v for k, v in state.items() if k != name})
+
+
+# ---------------------------------------------------------------------------------------------------
+# Gemma 3n features
+# ---------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def extractor_3n():
+    pytest.importorskip("transformers")
+    from transformers.models.gemma3n.feature_extraction_gemma3n import Gemma3nAudioFeatureExtractor
+
+    return Gemma3nAudioFeatureExtractor()
+
+
+# 0 frames below 513 padded samples; 7000 (41 frames) and 23457 end mid-frame; 16000 is a multiple of 128 and 160
+@pytest.mark.parametrize("n", [1, 159, 160, 641, 7000, 16000, 23457, 48000])
+def test_log_mel_features_3n_bit_exact(extractor_3n, n):
+    wave = _waveform(n, seed=n)
+    hf = extractor_3n(wave, return_tensors="pt")  # a bare 1-D array works here (fe3n:302-309)
+    feats, mask = audio.log_mel_features_3n(wave, SR)
+    assert set(hf) == {"input_features", "input_features_mask"}
+    assert torch.equal(feats, hf["input_features"][0]) and feats.dtype == torch.float32
+    assert torch.equal(mask, hf["input_features_mask"][0]) and mask.dtype == torch.bool
+    assert feats.shape == (max((-(-n // 128) * 128 - 513) // 160 + 1, 0), 128)
+
+
+def test_batch_features_3n_equal_hf_batch(extractor_3n):
+    lengths = (7000, 5210, 23457)
+    waves = [_waveform(n, seed=n) for n in lengths]
+    hf = extractor_3n(waves, return_tensors="pt", sampling_rate=SR)
+    feats, mask = audio.batch_features_3n(waves, SR)
+    assert torch.equal(feats, hf["input_features"]) and torch.equal(mask, hf["input_features_mask"])
+    # Batching changes a clip's row: more frames, three more of them still real for the 7000-sample clip.
+    alone, alone_mask = audio.log_mel_features_3n(waves[0], SR)
+    assert (alone.shape[0], int(alone_mask.sum()), int(mask[0].sum())) == (41, 41, 44)
+    assert torch.equal(feats[0, :41], alone) and mask[0, 41:44].all() and not mask[0, 44:].any()
+    assert feats[1][~mask[1]].ne(0).all()  # padding frames are log(mel_floor)-ish, not zeroed
+
+
+def test_feature_options_3n_bit_exact():
+    pytest.importorskip("transformers")
+    from transformers.models.gemma3n.feature_extraction_gemma3n import Gemma3nAudioFeatureExtractor
+
+    options = {"frame_length_ms": 25.0, "hop_length_ms": 12.5, "fft_overdrive": False, "min_frequency": 0.0,
+               "max_frequency": 8000.0, "feature_size": 64, "mel_floor": 1e-3, "input_scale_factor": 2.0,
+               "per_bin_mean": list(np.linspace(-1, 1, 64)), "per_bin_stddev": list(np.linspace(0.5, 2, 64))}
+    wave = _waveform(5000, seed=1).astype(np.float64)  # float64 in: HF casts to float32 after padding
+    hf = Gemma3nAudioFeatureExtractor(**options)([wave], return_tensors="pt")
+    feats, mask = audio.log_mel_features_3n(wave, SR, options)
+    assert torch.equal(feats, hf["input_features"][0]) and torch.equal(mask, hf["input_features_mask"][0])
+    for more in ({"preemphasis_htk_flavor": False}, {"preemphasis": 0.0}):
+        options |= more
+        hf = Gemma3nAudioFeatureExtractor(**options)([wave], return_tensors="pt")
+        assert torch.equal(audio.log_mel_features_3n(wave, SR, options)[0], hf["input_features"][0]), more

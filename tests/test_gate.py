@@ -114,6 +114,39 @@ def test_declared_padding_is_never_tried_and_rows_are_judged():
     assert result.capabilities["padding"].line("padding") == "padding: unsupported — single-sequence decoder"
 
 
+class _CannotRunThisModel(_Crashing):
+    """Declares, at load or at its first run, that it cannot run this model at all (a missing dependency)."""
+
+    name = "no-backend"
+
+    def __init__(self, when: str):
+        self.when, self.runs = when, 0
+
+    def load(self, hf_config, state_dict, dtype):
+        if self.when == "load":
+            raise Unsupported("model", "needs libfoo, which does not import here")
+
+    def run(self, batch):
+        self.runs += 1
+        raise Unsupported("model", "needs libfoo, which does not import here")
+
+
+@pytest.mark.parametrize("when", ["load", "run"])
+def test_a_candidate_that_cannot_run_the_model_is_unsupported_not_failed(when, tmp_path):
+    from harness import report
+    from harness.gate import result_from_json
+
+    candidate = _CannotRunThisModel(when)
+    result = conform(MODEL, candidate=candidate)
+    assert result.not_run == "needs libfoo, which does not import here" and result.error is None
+    assert result.passed and not result.probes and candidate.runs == (0 if when == "load" else 1)  # not retried
+    assert result.verdict() == f"UNSUPPORTED {MODEL} [float32] no-backend: needs libfoo, which does not import here"
+    assert result_from_json(json.loads(json.dumps(result.to_json()))).not_run == result.not_run
+    suite = ET.fromstring(report.junit_xml([result]).split("?>", 1)[1])
+    assert suite.get("skipped") == "1" and suite.get("failures") == "0" and suite.find("testcase/skipped") is not None
+    assert "| UNSUPPORTED |" in report.markdown([result])
+
+
 def test_a_port_that_crashes_even_alone_is_an_error_not_unsupported():
     result = conform(MODEL, candidate=_Crashing())
     assert result.error and "kernel exploded" in result.error and not result.capabilities

@@ -92,7 +92,7 @@ def test_probes_cover_both_towers_and_the_merge(tiny):
     model(batch.input_ids, batch.attention_mask, batch.position_ids, capture=capture, **batch.media)
     assert set(names) <= set(capture)
     assert capture["vision.pool"].shape == (2, 16, 2048) and capture["vision.proj"].shape == (2, 16, spec.hidden_size)
-    assert capture["audio.proj"].shape[:2] == (2, 3)  # 43 and 32 mel frames: ceil(ceil(T/2)/2) frames, every 4th
+    assert capture["audio.proj"].shape[:2] == (2, 3)  # 41 mel frames (41, 33 real): ceil(ceil(T/2)/2) frames, every 4th
 
 
 def test_merge_puts_hard_and_soft_tokens_where_hf_does(tiny):

@@ -41,7 +41,7 @@ from ..decode_check import DECODE_STEPS
 from ..model_dir import write_model_dir, write_processor_config
 from ..probes import is_media
 from ..synthetic import Batch
-from .base import Adapter, AdapterError, last_error_line
+from .base import Adapter, AdapterError, Unsupported, last_error_line
 
 HEAD_SIZES = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)  # vLLM CPU attention's supported sizes
 MIN_HEAD_DIM = HEAD_SIZES[0]
@@ -173,7 +173,10 @@ class VLLMAdapter(Adapter):
             raise AdapterError(f"vllm: no result after {self.timeout_s:.0f} s (killed)") from None
         if proc.returncode != 0 or not out.exists():
             how = f"exit code {proc.returncode}" if proc.returncode >= 0 else f"killed by signal {-proc.returncode}"
-            raise AdapterError(f"vllm failed ({how}): {last_error_line(stderr)}")
+            line = last_error_line(stderr)
+            if "Unsupported: " in line:  # the worker's declaration that vLLM cannot run this model as given
+                raise Unsupported("model", line.split("Unsupported: ", 1)[1])
+            raise AdapterError(f"vllm failed ({how}): {line}")
         data = torch.load(out, weights_only=True)
         self.environment = {**data["environment"], **{k: round(v, 2) for k, v in data["timings"].items()}}
         return data
