@@ -28,6 +28,10 @@ probe                  computed by the reference from               what lies be
 ``final_norm``         ``final_norm_input`` (sublayer)              the final RMSNorm
 =====================  ===========================================  ===========================================
 
+On the image-audio-text model (``Gemma3nForConditionalGeneration``) the media probes come first (the
+generic ones, :func:`harness.probes.vision`), then ``embed`` and ``merge``; ``merge`` stands where ``embed``
+stands above: the streams and the per-layer projection read it.
+
 The pre-MLP norm makes ``mlp_input`` blind to the scale of the attention half's residual (RMSNorm is scale
 invariant): a missing ``/√2`` first shows at ``altup_correct``, whose verdict names it.
 """
@@ -99,7 +103,8 @@ _SUBLAYERS = {  # kind -> (what it is, what is inside it)
 def _between(spec, name: str) -> tuple[str, str]:
     """(the probe right before the operations producing stream probe ``name``, what those operations are)."""
     if name == "altup_streams":
-        return "merge" if spec.multimodal is not None else "embed", ("the AltUp stream expansion: streams 1.. are the altup_projections of the embedding, "
+        context = "merge" if spec.multimodal is not None else "embed"
+        return context, ("the AltUp stream expansion: streams 1.. are the altup_projections of the embedding, "
                          "rescaled to its RMS (mean square clamped at 1e-5)")
     if name == "final_norm_input":
         return f"layers.{spec.num_layers - 1}.out", (

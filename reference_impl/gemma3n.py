@@ -32,6 +32,8 @@ stream probes (``altup_streams``, ``*.altup_predict``, ``*.altup_correct``, ``*.
 (B, T, n * H): stream s is ``[..., s*H:(s+1)*H]`` (:func:`streams_of` undoes it).
 
 * ``embed``: the scaled token embedding (stream 0), (B, T, H); ``altup_streams``: the n initial streams
+* image-audio-text model (``reference_impl.media3n``): the towers' ``vision.*`` / ``audio.*`` first, and after
+  ``embed`` the ``merge`` (hard media tokens and soft tokens in place), which then stands for ``embed``
 * per layer ``layers.{i}.``:
   ``altup_predict`` (predicted streams), ``attn_input`` (pre-attention norm of the active prediction),
   ``laurel`` (LAuReL output: its input plus the normed low-rank branch), ``attn`` (attention output before

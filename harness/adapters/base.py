@@ -30,7 +30,10 @@ class Unsupported(Exception):  # noqa: N818 - it is a declaration, not an error
     """Raised by an adapter for a feature it lacks on this input, e.g. ``Unsupported("padding", "no
     attention mask input")`` from ``run()`` on a left-padded batch, or from ``decode()`` on a chunk
     schedule it cannot feed. The gate reports the feature as unsupported with the reason and judges
-    the rest (a padded batch is rerun row by row without padding)."""
+    the rest (a padded batch is rerun row by row without padding). Raised by ``load()``, or with the
+    feature ``"model"`` by ``run()``, it means the adapter cannot run this model here at all (a missing
+    dependency, inputs it cannot take): the run is reported ``UNSUPPORTED`` with the reason, not run and
+    not failed."""
 
     def __init__(self, feature: str, reason: str):
         super().__init__(f"{feature}: {reason}")
