@@ -1,6 +1,7 @@
 """The property suites catch what the gate cannot: a cache that is wrong only after the sliding window
 wraps, and (again) a padding-mask bug — named by layer, and replayable with one command."""
 
+import math
 import os
 import re
 import subprocess
@@ -15,6 +16,7 @@ from harness.adapters import resolve
 from harness.gate import conform
 from harness.synthetic import make_batch, random_state_dict
 from reference_impl.spec import ModelSpec
+from suites import strategies as S
 from suites.checks import decode_divergence, padding_divergence
 from tests import mutants
 from tests.mutants_cache import G2SlidingCacheWrapBug
@@ -114,9 +116,11 @@ def test_port_without_padding_has_padding_unsupported_and_the_rest_judged():
     assert proc.returncode == 0, proc.stdout[-3000:]
     assert "padding: unsupported — tests.ports:Gemma2RejectsPadding: NotImplementedError: left padding is not " \
            "supported" in proc.stdout, proc.stdout[-3000:]
-    # skipped: the padding property, and the two image-text properties (a Gemma 2 port builds no image-text model)
-    assert "5 passed, 3 skipped" in proc.stdout, proc.stdout[-1000:]
-    assert "SKIPPED [2] suites/test_properties.py" in proc.stdout and "builds no image-text model" in proc.stdout, proc.stdout[-1000:]
+    # skipped: the padding property, and the two image-text properties of each image-text family (gemma3, gemma4,
+    # gemma3n): a Gemma 2 port builds no image-text model
+    n_mm = 2 * len(S.MULTIMODAL_FAMILIES)
+    assert f"5 passed, {1 + n_mm} skipped" in proc.stdout, proc.stdout[-1000:]
+    assert f"SKIPPED [{n_mm}] suites/test_properties.py" in proc.stdout and "builds no image-text model" in proc.stdout, proc.stdout[-1000:]
 
 
 def test_port_without_position_ids_is_judged_on_every_property():
@@ -142,8 +146,6 @@ def test_decode_strategies_spend_their_draws_where_the_window_bites():
     from hypothesis import HealthCheck, given, settings
     from hypothesis import strategies as st
 
-    from suites import strategies as S
-
     def share_that_bites(family: str) -> tuple[int, int]:
         bites = []
 
@@ -160,3 +162,49 @@ def test_decode_strategies_spend_their_draws_where_the_window_bites():
     for family in S.WINDOWED:
         hits, draws = share_that_bites(family)
         assert hits >= 0.9 * draws, f"{family}: {hits} of {draws} draws bite the window"
+
+
+def test_gemma3n_strategies_draw_what_hf_and_the_reference_accept():
+    """Every drawn Gemma 3n config (text, and image-audio-text) is one HF's config classes and the reference's spec
+    take, with a legal KV-shared tail, a full layer, some activation sparsity; its media batches put
+    ``vision_soft_tokens_per_image`` placeholders per image and ``audio_soft_tokens_per_image`` per clip, and
+    each batch's clips give the audio tower no more frames than that (HF pads up to it, and fails past it)."""
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    from harness.adapters.hf import hf_config_object
+    from reference_impl import audio
+
+    seen = {"audio": 0, "shared": 0}
+
+    @settings(max_examples=30, database=None, derandomize=True, suppress_health_check=list(HealthCheck), deadline=None)
+    @given(data=st.data())
+    def draw(data):
+        cfg = data.draw(S.multimodal_config(("gemma3n",)))
+        text = cfg["text_config"]
+        hf = hf_config_object(cfg)
+        assert hf.text_config.kv_sharing_modes.count("reuse") == text["num_kv_shared_layers"]
+        assert S.FULL in text["layer_types"] and any(text["activation_sparsity_pattern"])
+        spec = ModelSpec.from_hf_config(cfg)
+        assert len(spec.layers) == text["num_hidden_layers"] and spec.gemma3n is not None
+        mm = spec.multimodal
+        batch = data.draw(S.media_batches(cfg))
+        ids = batch.input_ids
+        assert int((ids == mm.image_token_id).sum()) == mm.vision_tokens * batch.pixel_values.shape[0]
+        assert batch.pixel_values.shape[-1] == 48 * math.isqrt(mm.vision_tokens)
+        assert int((ids[batch.attention_mask.bool()] >= mm.vision_offset).sum()) == int(
+            (ids == mm.image_token_id).sum() + (ids == mm.eoi_token_id).sum() + (ids == mm.audio_token_id).sum()
+            + (ids == mm.eoa_token_id).sum())  # the only hard media ids are the placeholders and <eoi>/<eoa>
+        if batch.audio_features is not None:
+            seen["audio"] += 1
+            clips = batch.audio_features.shape[0]
+            assert int((ids == mm.audio_token_id).sum()) == mm.audio_tokens * clips
+            assert S._gemma3n_tower_frames(batch.audio_features.shape[1], cfg["audio_config"]) <= mm.audio_tokens
+        seen["shared"] += bool(text["num_kv_shared_layers"])
+
+    draw()
+    assert seen["audio"] and seen["shared"], seen
+    for samples in (600, 2000, 5120, 5632, 7000, 12000):  # the helper against the feature extractor's frame count
+        features, _ = audio.batch_features_3n([torch.zeros(samples).numpy()])
+        config = {"sscp_conv_stride_size": [[2, 2], [2, 2]], "conf_reduction_factor": 4}
+        assert S.gemma3n_clip_tokens(samples, config) == S._gemma3n_tower_frames(features.shape[1], config), samples
